@@ -1,0 +1,1 @@
+"""What runs: stage and pipeline definitions, the stepper and the Engine facade."""

@@ -1,0 +1,655 @@
+"""`Engine`: the facade a service holds. Starts, resumes, cancels and inspects runs, drives
+them concurrently under a limit, keeps their leases fresh and recovers abandoned runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import anyio
+import msgspec
+
+from .._ids import check_run_id, new_run_id
+from ..errors import (
+    InvalidInput,
+    InvalidResumeInput,
+    InvalidRunState,
+    NotPaused,
+    PipelineChanged,
+    PipelineDefinitionError,
+    PipelineNotRegistered,
+    RunAlreadyExists,
+    RunNotFound,
+    WaystationError,
+)
+from ..store import codec
+from ..store.base import SETTLED, TERMINAL, Guard, NewRun, NewTransition, RunRecord, Store
+from ..store.sqlite import Durability, SQLiteStore
+from .models import Pause, Run, StageError, Transition
+from .pipeline import Pipeline
+from .runner import Driver, RunState
+
+log = logging.getLogger("waystation")
+
+
+def _owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when the lease owner was a process on this host that no longer exists."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _when(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+class Engine:
+    """Runs pipelines durably on a `Store`.
+
+    Open it with `async with Engine.open("runs.db", pipelines=[...]) as engine:` (or
+    `engine = await Engine.open(...)` and later `await engine.close()`). On open it recovers
+    runs whose previous owner died. On close, stages in flight are interrupted and left for
+    recovery (their last committed state is intact); a new engine continues them at once.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        pipelines: Iterable[Pipeline] = (),
+        *,
+        max_concurrent_runs: int = 1000,
+        lease_ttl: float = 30.0,
+        recover: bool = True,
+    ) -> None:
+        if lease_ttl <= 0:
+            raise ValueError("lease_ttl must be positive")
+        self.store = store
+        self.lease_ttl = lease_ttl
+        self.owner = _owner_id()
+        self._recover_on_open = recover
+        self._pipelines: dict[tuple[str, str], Pipeline] = {}
+        self._latest: dict[str, Pipeline] = {}
+        for p in pipelines:
+            self.register(p)
+        self._limiter = anyio.CapacityLimiter(max_concurrent_runs)
+        self._active: dict[str, Driver] = {}
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._service: asyncio.Task[None] | None = None
+        self._ready: asyncio.Event | None = None
+        self._stop: asyncio.Event | None = None
+        self._opened = False
+
+    # -- opening and closing -----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str] | Store,
+        pipelines: Iterable[Pipeline] = (),
+        *,
+        durability: Durability = "full",
+        max_concurrent_runs: int = 1000,
+        lease_ttl: float = 30.0,
+        recover: bool = True,
+    ) -> Engine:
+        """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
+
+        Use it as `async with Engine.open(...) as engine:` or `engine = await Engine.open(...)`.
+        `durability="full"` makes every commit survive power loss; `"normal"` survives a
+        process crash but may lose the last commits on power loss (see README).
+        """
+        store: Store
+        if isinstance(path, str | os.PathLike):
+            store = SQLiteStore(path, durability=durability)
+        else:
+            store = path
+        return cls(
+            store,
+            pipelines,
+            max_concurrent_runs=max_concurrent_runs,
+            lease_ttl=lease_ttl,
+            recover=recover,
+        )
+
+    def __await__(self) -> Generator[Any, None, Engine]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Engine:
+        return await self._open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _open(self) -> Engine:
+        if self._opened:
+            return self
+        await self.store.open()
+        self._opened = True
+        self._ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        # The task group lives in a task of its own, so the caller's code is never inside
+        # its cancel scope (and an engine may be opened in one task and closed in another).
+        self._service = asyncio.create_task(self._serve(), name="waystation-engine")
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait({ready, self._service}, return_when=asyncio.FIRST_COMPLETED)
+        if not self._ready.is_set():
+            ready.cancel()
+            await self._service  # re-raises what went wrong
+        if self._recover_on_open:
+            await self.recover()
+        return self
+
+    async def _serve(self) -> None:
+        assert self._ready is not None and self._stop is not None
+        async with anyio.create_task_group() as tg:
+            self._task_group = tg
+            tg.start_soon(self._maintain)
+            self._ready.set()
+            await self._stop.wait()
+            tg.cancel_scope.cancel()
+        self._task_group = None
+
+    async def close(self) -> None:
+        """Stop driving runs (they stay recoverable), release leases, close the store."""
+        if not self._opened:
+            return
+        self._opened = False
+        if self._stop is not None:
+            self._stop.set()
+        if self._service is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._service
+        try:
+            await self.store.release_leases(self.owner)
+        finally:
+            await self.store.close()
+
+    # -- pipelines ---------------------------------------------------------------------------
+
+    def register(self, pipeline: Pipeline) -> None:
+        """Make `pipeline` runnable here. Several versions of one name may be registered."""
+        if not isinstance(pipeline, Pipeline):
+            raise PipelineDefinitionError(f"{pipeline!r} is not a Pipeline")
+        key = (pipeline.name, pipeline.version)
+        seen = self._pipelines.get(key)
+        if seen is not None and seen.fingerprint != pipeline.fingerprint:
+            raise PipelineDefinitionError(
+                f"two different pipelines are registered as {pipeline.name!r} version "
+                f"{pipeline.version!r}; give the new one another version"
+            )
+        self._pipelines[key] = pipeline
+        self._latest[pipeline.name] = pipeline
+
+    @property
+    def pipelines(self) -> list[Pipeline]:
+        """The registered pipelines."""
+        return list(self._pipelines.values())
+
+    def _resolve(self, pipeline: Pipeline | str) -> Pipeline:
+        if isinstance(pipeline, str):
+            found = self._latest.get(pipeline)
+            if found is None:
+                raise PipelineNotRegistered(
+                    f"no pipeline named {pipeline!r} is registered; pass it in "
+                    "Engine.open(..., pipelines=[...])"
+                )
+            return found
+        found = self._pipelines.get((pipeline.name, pipeline.version))
+        if found is None or found.fingerprint != pipeline.fingerprint:
+            raise PipelineNotRegistered(
+                f"pipeline {pipeline.name!r} version {pipeline.version!r} is not registered "
+                "with this engine; pass it in Engine.open(..., pipelines=[...])"
+            )
+        return found
+
+    def _pipeline_of(self, record: RunRecord) -> Pipeline:
+        """The registered pipeline a stored run can continue under, or a clear error."""
+        found = self._pipelines.get((record.pipeline, record.pipeline_version))
+        if found is None:
+            versions = sorted(v for (n, v) in self._pipelines if n == record.pipeline)
+            if versions:
+                raise PipelineChanged(
+                    f"run {record.run_id} was started on {record.pipeline!r} version "
+                    f"{record.pipeline_version!r}, but this engine only has version(s) "
+                    f"{', '.join(versions)}; register the old version too"
+                )
+            raise PipelineNotRegistered(
+                f"run {record.run_id} belongs to pipeline {record.pipeline!r}, which is not "
+                "registered with this engine"
+            )
+        if found.fingerprint != record.fingerprint:
+            raise PipelineChanged(
+                f"pipeline {record.pipeline!r} version {record.pipeline_version!r} changed "
+                f"since run {record.run_id} started (fingerprint {record.fingerprint} -> "
+                f"{found.fingerprint}: stages, their order or their signatures differ); "
+                "register the unchanged pipeline under its version, and the new one under "
+                "a new version"
+            )
+        return found
+
+    # -- starting ----------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        pipeline: Pipeline | str,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Create a run and start driving it; returns at once with the run as created.
+
+        With an `idempotency_key` or `run_id` that already exists, nothing is created and the
+        existing run is returned (a different pipeline under the same id is an error).
+        """
+        self._check_open()
+        p = self._resolve(pipeline)
+        text, typed = p.validate_input(input)
+        if run_id is not None:
+            try:
+                check_run_id(run_id)
+            except WaystationError as exc:
+                raise InvalidInput(str(exc)) from None
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not 0 < len(idempotency_key) <= 512
+        ):
+            raise InvalidInput("idempotency_key must be a string of 1-512 characters")
+        rid = run_id or new_run_id()
+        created, record = await self.store.create_run(
+            NewRun(
+                run_id=rid,
+                pipeline=p.name,
+                pipeline_version=p.version,
+                fingerprint=p.fingerprint,
+                status="running",
+                input=text,
+                root_run_id=rid,
+                idempotency_key=idempotency_key,
+                lease_owner=self.owner,
+                lease_expires=time.time() + self.lease_ttl,
+                transitions=[
+                    NewTransition("created"),
+                    NewTransition("started", 0, p.stages[0].name, 1),
+                ],
+            )
+        )
+        if not created:
+            if record.pipeline != p.name:
+                raise RunAlreadyExists(
+                    f"run {record.run_id} already exists for pipeline {record.pipeline!r}"
+                )
+            return self._to_run(record)
+        log.info("run %s started (%s v%s)", rid, p.name, p.version)
+        self._launch(Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed)))
+        return self._to_run(record)
+
+    async def start(
+        self,
+        pipeline: Pipeline | str,
+        input: Any = None,
+        *,
+        run_id: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> Run:
+        """Create a run and return once it pauses, succeeds, fails or is cancelled."""
+        run = await self.submit(pipeline, input, run_id=run_id, idempotency_key=idempotency_key)
+        return await self.wait(run.run_id, timeout=timeout)
+
+    def _driver_args(self, pipeline: Pipeline) -> dict[str, Any]:
+        return {
+            "store": self.store,
+            "owner": self.owner,
+            "lease_ttl": self.lease_ttl,
+            "limiter": self._limiter,
+            "pipeline": pipeline,
+        }
+
+    def _launch(self, driver: Driver) -> None:
+        assert self._task_group is not None
+        self._active[driver.run_id] = driver
+        self._task_group.start_soon(self._drive, driver, name=f"waystation-run-{driver.run_id}")
+
+    async def _drive(self, driver: Driver) -> None:
+        try:
+            await driver.drive()
+        finally:
+            if self._active.get(driver.run_id) is driver:
+                del self._active[driver.run_id]
+
+    async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
+        """Wait until the run pauses, succeeds, fails or is cancelled; returns it then.
+
+        Runs driven by this engine are awaited directly; a run driven elsewhere is polled.
+        """
+        with anyio.fail_after(timeout):
+            delay = 0.01
+            while True:
+                driver = self._active.get(run_id)
+                if driver is not None:
+                    await driver.done.wait()
+                record = await self._record(run_id)
+                if record.status in SETTLED:
+                    return self._to_run(record)
+                if run_id not in self._active:
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+
+    # -- pausing -----------------------------------------------------------------------------
+
+    async def resume(
+        self,
+        run_id: str,
+        value: Any = None,
+        *,
+        pause_id: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Run:
+        """Answer the run's open pause with `value` and continue the run.
+
+        `value` is checked against the pause's schema first (`InvalidResumeInput`, and the
+        run stays paused, untouched). Of two concurrent resumes exactly one wins; the other
+        gets `NotPaused`. Returns once the run pauses again or finishes (or at once, with
+        `wait=False`).
+        """
+        self._check_open()
+        record = await self._record(run_id)
+        if record.status != "paused" or record.pause is None:
+            raise NotPaused(f"run {run_id} is {record.status}, not paused; nothing to resume")
+        pause = msgspec.json.decode(record.pause, type=Pause)
+        if pause_id is not None and pause_id != pause.pause_id:
+            raise NotPaused(f"run {run_id} has no open pause {pause_id!r} (open: {pause.pause_id})")
+        p = self._pipeline_of(record)
+        answer = self._check_answer(run_id, p, pause, value)
+        i = pause.stage_index
+        stages = p.stages
+        # A gate's answer is its output: stored once, in its `succeeded` row.
+        transitions = [
+            NewTransition("resumed", i, pause.stage_name, payload=None if pause.gate else answer)
+        ]
+        values: dict[str, Any] = {
+            "status": "running",
+            "pause": None,
+            "lease_owner": self.owner,
+            "lease_expires": time.time() + self.lease_ttl,
+        }
+        if pause.gate:
+            transitions.append(NewTransition("succeeded", i, pause.stage_name, 1, payload=answer))
+            values["stage_index"] = i + 1
+            if i + 1 < len(stages):
+                transitions.append(NewTransition("started", i + 1, stages[i + 1].name, 1))
+            else:
+                transitions.append(NewTransition("completed", len(stages)))
+                values.update(
+                    status="succeeded", output=answer, lease_owner=None, lease_expires=None
+                )
+        seq = await self.store.update_run(
+            run_id, Guard(("paused",), seq=record.seq), transitions, values
+        )
+        if seq is None:
+            raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
+        log.info("run %s resumed at %s", run_id, pause.stage_name)
+        if values["status"] == "running":
+            rows = await self.store.stage_results(run_id)
+            fresh = await self._record(run_id)
+            self._launch(Driver(**self._driver_args(p), state=RunState.load(p, fresh, rows)))
+        if not wait:
+            return self._to_run(await self._record(run_id))
+        return await self.wait(run_id, timeout=timeout)
+
+    def _check_answer(self, run_id: str, p: Pipeline, pause: Pause, value: Any) -> str:
+        """Validate a resume value against the pause's schema; the JSON to commit."""
+        try:
+            raw = codec.encode(value)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+            raise InvalidResumeInput(
+                f"resume value for run {run_id} cannot be serialized: {exc}"
+            ) from exc
+        tp: Any = None
+        if pause.gate:
+            tp = p.stages[pause.stage_index].schema
+        elif pause.schema_ref is not None:
+            tp = codec.resolve_type_ref(pause.schema_ref)
+        try:
+            if tp is not None:
+                return codec.encode(codec.decode(raw, tp)).decode()
+            codec.validate_schema(codec.decode_any(raw), pause.schema)
+            return raw.decode()
+        except (msgspec.ValidationError, codec.SchemaViolation) as exc:
+            raise InvalidResumeInput(
+                f"resume value for run {run_id} ({pause.kind} at stage {pause.stage_name!r}) "
+                f"does not match its schema: {exc}"
+            ) from exc
+
+    # -- cancelling --------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel a run that has not finished.
+
+        A paused or pending run is cancelled at once. A run driven here is interrupted in
+        its current stage. A run driven by another engine is marked; that engine cancels it
+        at its next commit (the returned run then still says `running`, `cancel_requested`).
+        """
+        self._check_open()
+        driver = self._active.get(run_id)
+        if driver is not None:
+            driver.cancel_requested = True
+            driver.scope.cancel()
+            await driver.done.wait()
+            return self._to_run(await self._record(run_id))
+        record = await self._record(run_id)
+        if record.status in TERMINAL:
+            raise InvalidRunState(f"run {run_id} already {record.status}; it cannot be cancelled")
+        if record.status == "paused":
+            seq = await self.store.update_run(
+                run_id,
+                Guard(("paused",), seq=record.seq),
+                [NewTransition("cancelled", record.stage_index)],
+                {"status": "cancelled", "pause": None},
+            )
+            if seq is None:
+                return await self.cancel(run_id)  # it moved on meanwhile: look again
+        else:
+            await self.store.update_run(
+                run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
+            )
+        log.info("run %s cancel requested", run_id)
+        return self._to_run(await self._record(run_id))
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def _record(self, run_id: str) -> RunRecord:
+        if not isinstance(run_id, str):
+            raise RunNotFound(f"no run with id {run_id!r}")
+        record = await self.store.get_run(run_id)
+        if record is None:
+            raise RunNotFound(f"no run with id {run_id!r} in this database")
+        return record
+
+    async def get(self, run_id: str) -> Run:
+        """The run as last committed (`RunNotFound` if there is none)."""
+        return self._to_run(await self._record(run_id))
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        pipeline: str | None = None,
+        parent_run_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> builtins.list[Run]:
+        """Runs in creation order, filtered; page with `after=<last run_id>`."""
+        records = await self.store.list_runs(
+            status=status,
+            pipeline=pipeline,
+            parent_run_id=parent_run_id,
+            after=after,
+            limit=limit,
+        )
+        return [self._to_run(r) for r in records]
+
+    async def iter_runs(
+        self, *, status: str | None = None, pipeline: str | None = None, page: int = 500
+    ) -> AsyncIterator[Run]:
+        """Every matching run, fetched page by page (constant memory)."""
+        after: str | None = None
+        while True:
+            batch = await self.list(status=status, pipeline=pipeline, after=after, limit=page)
+            for run in batch:
+                yield run
+            if len(batch) < page:
+                return
+            after = batch[-1].run_id
+
+    async def history(self, run_id: str) -> builtins.list[Transition]:
+        """The run's transition journal, oldest first."""
+        await self._record(run_id)
+        rows = await self.store.history(run_id)
+        return [
+            Transition(
+                run_id=r.run_id,
+                seq=r.seq,
+                stage_index=r.stage_index,
+                stage_path=r.stage_path,
+                event=r.event,
+                attempt=r.attempt,
+                payload=codec.decode_any(r.payload),
+                error=msgspec.json.decode(r.error, type=StageError) if r.error else None,
+                at=_when(r.at),
+            )
+            for r in rows
+        ]
+
+    def _to_run(self, r: RunRecord) -> Run:
+        p = self._pipelines.get((r.pipeline, r.pipeline_version))
+        if p is not None and p.fingerprint != r.fingerprint:
+            p = None
+        input_value: Any = codec.decode_any(r.input)
+        output: Any = codec.decode_any(r.output)
+        stage_name: str | None = None
+        if p is not None:
+            with contextlib.suppress(WaystationError, msgspec.ValidationError):
+                input_value = p.decode_input(r.input or "{}")[1]
+            if r.output is not None:
+                with contextlib.suppress(msgspec.ValidationError):
+                    output = codec.decode(r.output, p.stages[-1].returns)
+            if r.stage_index < len(p.stages):
+                stage_name = p.stages[r.stage_index].name
+        pause = msgspec.json.decode(r.pause, type=Pause) if r.pause else None
+        if pause is not None:
+            stage_name = pause.stage_name
+        return Run(
+            run_id=r.run_id,
+            pipeline=r.pipeline,
+            pipeline_version=r.pipeline_version,
+            status=r.status,
+            stage_index=r.stage_index,
+            stage_name=stage_name,
+            input=input_value,
+            output=output,
+            error=msgspec.json.decode(r.error, type=StageError) if r.error else None,
+            pause=pause,
+            parent_run_id=r.parent_run_id,
+            root_run_id=r.root_run_id,
+            run_kind=r.run_kind,
+            depth=r.depth,
+            idempotency_key=r.idempotency_key,
+            fingerprint=r.fingerprint,
+            cancel_requested=bool(r.cancel_requested),
+            created_at=_when(r.created_at),
+            updated_at=_when(r.updated_at),
+        )
+
+    # -- leases and recovery -----------------------------------------------------------------
+
+    async def recover(self) -> int:
+        """Take over runs whose owner died or whose lease expired; returns how many.
+
+        Called on open and periodically. Runs of pipelines not registered here are left for
+        an engine that has them.
+        """
+        self._check_open()
+        now = time.time()
+        claimed = 0
+        after: str | None = None
+        while True:
+            batch = await self.store.active_runs(after=after, limit=500)
+            if not batch:
+                return claimed
+            after = batch[-1].run_id
+            for record in batch:
+                if record.run_id in self._active or not self._abandoned(record, now):
+                    continue
+                try:
+                    p = self._pipeline_of(record)
+                except WaystationError as exc:
+                    log.warning("run %s not recovered: %s", record.run_id, exc)
+                    continue
+                state = RunState(record.run_id, None, {}, record.stage_index, [], [])
+                self._launch(Driver(**self._driver_args(p), state=state, claim=record))
+                claimed += 1
+
+    def _abandoned(self, record: RunRecord, now: float) -> bool:
+        if record.lease_owner is None or record.lease_expires is None:
+            return True
+        if record.lease_owner == self.owner:
+            return False
+        return record.lease_expires < now or _owner_is_dead(record.lease_owner)
+
+    async def _maintain(self) -> None:
+        """Renew our leases and pick up abandoned runs, every third of the lease time."""
+        period = self.lease_ttl / 3
+        ticks = 0
+        while True:
+            await anyio.sleep(period)
+            ticks += 1
+            try:
+                await self.store.renew_leases(self.owner, time.time() + self.lease_ttl)
+                if ticks % 3 == 0:
+                    await self.recover()
+            except Exception:
+                log.exception("lease maintenance failed; will try again")
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise WaystationError(
+                "the engine is not open; use `async with Engine.open(...) as engine:`"
+            )
+
+    @property
+    def active_runs(self) -> Sequence[str]:
+        """Ids of the runs this engine is driving right now."""
+        return list(self._active)

@@ -1,0 +1,258 @@
+"""`Pipeline`: an ordered list of stages, checked when built and compiled into bindings.
+
+Building a pipeline resolves, once, where every stage parameter comes from (the run input or
+an earlier stage's output), infers the input fields, and computes a fingerprint of the shape,
+so a paused run is never continued by a pipeline that has changed under it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidInput, PipelineDefinitionError
+from ..store import codec
+from .stage import EMPTY, Param, Stage
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Where one parameter's value comes from."""
+
+    param: str
+    from_stage: int | None
+    """Index of the earlier stage whose output it is, or None for a run input field."""
+    key: str
+    """The input field (or the stage name) it is bound to."""
+    convert: Any = None
+    """A type to decode the stored output into, when it differs from the producer's type."""
+
+
+@dataclass(frozen=True, slots=True)
+class InputField:
+    """One field of a pipeline's input."""
+
+    name: str
+    type: Any
+    default: Any = EMPTY
+
+    @property
+    def required(self) -> bool:
+        """True when the run input must provide it."""
+        return self.default is EMPTY
+
+
+class Pipeline:
+    """A named, versioned, ordered list of stages.
+
+    `inputs` are the parameters that no earlier stage provides (inferred, like a function's
+    signature), unless `input=` pins them to a msgspec Struct or dataclass. The output of a
+    run is the output of its last stage.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        stages: Sequence[Stage],
+        *,
+        version: str = "1",
+        input: type | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
+            raise PipelineDefinitionError(f"pipeline name {name!r} must be printable, 1-200 chars")
+        self.name = name
+        self.version = str(version)
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.input_type = input
+        if not self.stages:
+            raise PipelineDefinitionError(f"pipeline {name!r} has no stages")
+        for s in self.stages:
+            if not isinstance(s, Stage):
+                raise PipelineDefinitionError(
+                    f"pipeline {name!r}: {s!r} is not a stage; decorate it with @ws.stage"
+                )
+        self.index: dict[str, int] = {}
+        for i, s in enumerate(self.stages):
+            if s.name in self.index:
+                raise PipelineDefinitionError(
+                    f"pipeline {name!r}: two stages are named {s.name!r} "
+                    f"(positions {self.index[s.name]} and {i}); give one a different name"
+                )
+            self.index[s.name] = i
+        self.inputs: dict[str, InputField] = (
+            self._pinned_inputs(input) if input is not None else self._inferred_inputs()
+        )
+        self.bindings: tuple[tuple[Binding, ...], ...] = tuple(
+            self._bind(i, s.params, s.name) for i, s in enumerate(self.stages)
+        )
+        self.when_bindings: tuple[tuple[Binding, ...], ...] = tuple(
+            self._bind(i, s.when_params, f"`when` of {s.name}") for i, s in enumerate(self.stages)
+        )
+        self._input_struct = input or msgspec.defstruct(
+            f"{_identifier(name)}Input",
+            [
+                (f.name, f.type) if f.required else (f.name, f.type, f.default)
+                for f in self.inputs.values()
+            ],
+            kw_only=True,
+        )
+        self.fingerprint = self._fingerprint()
+
+    # -- building ----------------------------------------------------------------------------
+
+    def _pinned_inputs(self, tp: type) -> dict[str, InputField]:
+        hints = typing.get_type_hints(tp)
+        fields: dict[str, InputField] = {}
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            for f in msgspec.structs.fields(tp):
+                default = EMPTY
+                if f.default is not msgspec.NODEFAULT:
+                    default = f.default
+                elif f.default_factory is not msgspec.NODEFAULT:
+                    default = f.default_factory()
+                fields[f.name] = InputField(f.name, hints.get(f.name, Any), default)
+        elif dataclasses.is_dataclass(tp):
+            for df in dataclasses.fields(tp):
+                default = EMPTY
+                if df.default is not dataclasses.MISSING:
+                    default = df.default
+                elif df.default_factory is not dataclasses.MISSING:
+                    default = df.default_factory()
+                fields[df.name] = InputField(df.name, hints.get(df.name, Any), default)
+        else:
+            raise PipelineDefinitionError(
+                f"pipeline {self.name!r}: input= must be a msgspec Struct or a dataclass"
+            )
+        for field in fields:
+            if field in self.index:
+                raise PipelineDefinitionError(
+                    f"pipeline {self.name!r}: input field {field!r} is shadowed by the stage "
+                    f"of the same name; rename one of them"
+                )
+        return fields
+
+    def _inferred_inputs(self) -> dict[str, InputField]:
+        fields: dict[str, InputField] = {}
+        for i, s in enumerate(self.stages):
+            for p in (*s.when_params, *s.params):
+                if p.name in self.index:
+                    continue  # a stage output (ordering is checked in _bind)
+                seen = fields.get(p.name)
+                if seen is None:
+                    fields[p.name] = InputField(p.name, p.annotation, p.default)
+                    continue
+                if seen.type is Any:
+                    seen = InputField(p.name, p.annotation, seen.default)
+                elif p.annotation is not Any and p.annotation != seen.type:
+                    raise PipelineDefinitionError(
+                        f"pipeline {self.name!r}: input {p.name!r} is {seen.type!r} in one stage "
+                        f"and {p.annotation!r} in stage {s.name!r} (position {i}); "
+                        "use one type"
+                    )
+                if p.required and not seen.required:
+                    seen = InputField(p.name, seen.type)
+                fields[p.name] = seen
+        return fields
+
+    def _bind(self, position: int, params: Sequence[Param], who: str) -> tuple[Binding, ...]:
+        out = []
+        for p in params:
+            source = self.index.get(p.name)
+            if source is not None:
+                if source >= position:
+                    where = "itself" if source == position else f"stage {source}, after it"
+                    raise PipelineDefinitionError(
+                        f"pipeline {self.name!r}: {who} (position {position}) takes "
+                        f"{p.name!r}, the output of {where}; a stage can only use the "
+                        "outputs of earlier stages"
+                    )
+                producer = self.stages[source]
+                convert = None
+                if p.annotation is not Any and p.annotation != producer.returns:
+                    convert = p.annotation
+                out.append(Binding(p.name, source, p.name, convert))
+            elif p.name in self.inputs:
+                field = self.inputs[p.name]
+                convert = None
+                if p.annotation is not Any and p.annotation != field.type:
+                    convert = p.annotation
+                out.append(Binding(p.name, None, p.name, convert))
+            elif p.required:
+                raise PipelineDefinitionError(
+                    f"pipeline {self.name!r}: parameter {p.name!r} of {who} is provided by "
+                    f"neither the input ({self.input_type.__name__ if self.input_type else ''}) "
+                    "nor an earlier stage; add the field or a stage of that name"
+                )
+        return tuple(out)
+
+    def _fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"{self.name}\0{_type_name(self.input_type)}\0".encode())
+        for s in self.stages:
+            params = ",".join(f"{p.name}:{_type_name(p.annotation)}" for p in s.params)
+            h.update(f"{s.kind}:{s.name}({params})->{_type_name(s.returns)}\0".encode())
+        return h.hexdigest()[:16]
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def validate_input(self, value: Any) -> tuple[str, Any]:
+        """Check a run input; returns (the JSON stored, the typed value stages see).
+
+        Raises `InvalidInput` naming the field that is missing or of the wrong type.
+        """
+        if isinstance(value, msgspec.Struct) or dataclasses.is_dataclass(value):
+            if self.input_type is not None and not isinstance(value, self.input_type):
+                raise InvalidInput(
+                    f"pipeline {self.name!r} takes {self.input_type.__name__} as input, "
+                    f"not {type(value).__name__}"
+                )
+        elif value is None:
+            value = {}
+        elif not isinstance(value, dict):
+            raise InvalidInput(
+                f"pipeline {self.name!r}: the input must be a mapping of field names to "
+                f"values (fields: {', '.join(self.inputs) or 'none'}), not "
+                f"{type(value).__name__}"
+            )
+        try:
+            raw = codec.encode(value)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:
+            raise InvalidInput(
+                f"pipeline {self.name!r}: input cannot be serialized: {exc}"
+            ) from exc
+        return self.decode_input(raw)
+
+    def decode_input(self, raw: bytes | str) -> tuple[str, Any]:
+        """Decode stored input JSON into the typed input (a dict, or the pinned type)."""
+        try:
+            typed = codec.decode(raw, self._input_struct)
+        except msgspec.ValidationError as exc:
+            raise InvalidInput(f"pipeline {self.name!r}: invalid input: {exc}") from exc
+        except msgspec.DecodeError as exc:
+            raise InvalidInput(f"pipeline {self.name!r}: input is not valid JSON: {exc}") from exc
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        if self.input_type is not None:
+            return text, typed
+        return text, {f: getattr(typed, f) for f in self.inputs}
+
+    def __repr__(self) -> str:
+        return f"<Pipeline {self.name} v{self.version} ({len(self.stages)} stages)>"
+
+
+def _identifier(name: str) -> str:
+    out = "".join(c if c.isalnum() else "_" for c in name)
+    return out if out[:1].isalpha() else f"P{out}"
+
+
+def _type_name(tp: Any) -> str:
+    if tp is None:
+        return "None"
+    if isinstance(tp, type):
+        return f"{tp.__module__}.{tp.__qualname__}"
+    return repr(tp)

@@ -1,0 +1,486 @@
+"""The stepper: drives one run through its stages, committing each transition before moving on.
+
+Read `Driver.drive` top to bottom to see the life of a run. Every commit is a guarded update
+(status running, lease ours, no cancel asked): if it fails, the run was taken from us (lease
+expired and claimed elsewhere) or someone asked to cancel it, and we stop without writing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import msgspec
+import tenacity
+
+from ..errors import StageOutputError, StageTimeout, WaystationError
+from ..store import codec
+from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
+from .context import PauseSignal, StageContext
+from .models import Pause, StageError
+from .pipeline import Binding, Pipeline
+from .stage import Stage
+
+log = logging.getLogger("waystation")
+
+_SCALARS = (int, str, bool, type(None))
+
+
+class _Lost(BaseException):
+    """The run's row no longer matches our guard: stop driving, write nothing more."""
+
+
+@dataclass(slots=True)
+class RunState:
+    """What a driver keeps in memory for one run: its input and the outputs so far."""
+
+    run_id: str
+    input: Any
+    """The typed input (a dict of fields, or the pipeline's pinned input type)."""
+    input_fields: dict[str, Any]
+    stage_index: int
+    values: list[Any]
+    """Each finished stage's output, decoded as its return annotation (None if skipped)."""
+    payloads: list[str | None]
+    """The same outputs as stored JSON (for re-decoding into another annotation)."""
+    answers: dict[int, list[str]] = field(default_factory=dict)
+    """Resume answers per stage, in the order given (for `ctx.pause`)."""
+    attempts: dict[int, int] = field(default_factory=dict)
+    """Failed attempts so far per stage (from the journal's retrying rows)."""
+
+    @classmethod
+    def fresh(cls, pipeline: Pipeline, run_id: str, typed_input: Any) -> RunState:
+        """State for a run that has not run any stage yet."""
+        n = len(pipeline.stages)
+        return cls(run_id, typed_input, _fields(pipeline, typed_input), 0, [None] * n, [None] * n)
+
+    @classmethod
+    def load(cls, pipeline: Pipeline, record: RunRecord, rows: list[TransitionRecord]) -> RunState:
+        """Rebuild the state of a run from its row and its journal (after a crash or pause)."""
+        _, typed = pipeline.decode_input(record.input or "{}")
+        state = cls.fresh(pipeline, record.run_id, typed)
+        state.stage_index = record.stage_index
+        for row in rows:
+            i = row.stage_index
+            if i is None or i >= len(pipeline.stages):
+                continue
+            if row.event == "succeeded" and row.payload is not None:
+                state.payloads[i] = row.payload
+                state.values[i] = codec.decode(row.payload, pipeline.stages[i].returns)
+            elif row.event == "skipped":
+                state.payloads[i] = None
+                state.values[i] = None
+            elif row.event == "retrying":
+                state.attempts[i] = max(state.attempts.get(i, 0), row.attempt)
+            elif row.event == "resumed" and row.payload is not None:
+                state.answers.setdefault(i, []).append(row.payload)
+        return state
+
+
+def _fields(pipeline: Pipeline, typed_input: Any) -> dict[str, Any]:
+    if isinstance(typed_input, dict):
+        return typed_input
+    return {name: getattr(typed_input, name) for name in pipeline.inputs}
+
+
+def error_info(exc: BaseException, stage: Stage | None, index: int | None) -> StageError:
+    """A persistable description of `exc`."""
+    tp = type(exc)
+    name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
+    return StageError(
+        type=name,
+        message=str(exc),
+        traceback="".join(traceback.format_exception(exc)),
+        stage_index=index,
+        stage_name=stage.name if stage is not None else None,
+    )
+
+
+def describe_type(tp: Any) -> str:
+    """A short readable name of a type annotation."""
+    return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+
+
+def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
+    """Encode a stage's output and check it against the return annotation.
+
+    Returns (the value later stages see, the JSON stored). The value is what decoding the
+    JSON gives, so a stage sees the same thing whether or not the process restarted since.
+    """
+    expected = stage.returns
+    if isinstance(expected, type) and expected is not Any:
+        ok = isinstance(out, expected) or (expected is float and type(out) is int)
+        if not ok:
+            raise StageOutputError(
+                f"stage {stage.name!r} must return {describe_type(expected)} "
+                f"but returned {type(out).__qualname__}: {out!r:.200}"
+            )
+    if type(out) is float and not math.isfinite(out):
+        raise StageOutputError(
+            f"stage {stage.name!r} returned {out!r}, which JSON cannot store; "
+            "return None or a string instead"
+        )
+    try:
+        raw = codec.encode(out)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
+        raise StageOutputError(
+            f"stage {stage.name!r} returned a {type(out).__qualname__} that cannot be "
+            f"serialized: {exc}"
+        ) from exc
+    if type(out) in _SCALARS and (expected is Any or expected is type(out)):
+        return out, raw.decode()
+    try:
+        value = codec.decode(raw, expected)
+    except msgspec.ValidationError as exc:
+        raise StageOutputError(
+            f"stage {stage.name!r} must return {describe_type(expected)} "
+            f"but returned {type(out).__qualname__} that does not match: {exc}"
+        ) from exc
+    return value, raw.decode()
+
+
+class Driver:
+    """Drives one run from its current stage until it pauses, finishes, fails or is stopped."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        owner: str,
+        lease_ttl: float,
+        limiter: anyio.CapacityLimiter,
+        pipeline: Pipeline,
+        state: RunState,
+        claim: RunRecord | None = None,
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self.lease_ttl = lease_ttl
+        self.limiter = limiter
+        self.pipeline = pipeline
+        self.state = state
+        self.claim = claim
+        """When set, the run is recovered: take its lease (guarded on this row) first."""
+        self.guard = Guard(("running",), owner=owner, not_cancel_requested=True)
+        self.scope = anyio.CancelScope()
+        self.cancel_requested = False
+        self.done = anyio.Event()
+
+    @property
+    def run_id(self) -> str:
+        """The run being driven."""
+        return self.state.run_id
+
+    async def drive(self) -> None:
+        """Run stages until the run settles. Never raises but for cancellation."""
+        try:
+            with self.scope:
+                try:
+                    async with self.limiter:
+                        if self.claim is not None and not await self._claim(self.claim):
+                            return
+                        await self._steps()
+                except anyio.get_cancelled_exc_class():
+                    if self.cancel_requested:
+                        with anyio.CancelScope(shield=True):
+                            i = self.state.stage_index
+                            stages = self.pipeline.stages
+                            await self._cancelled(i, stages[i] if i < len(stages) else None)
+                    raise
+        except _Lost:
+            await self._on_lost()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except WaystationError as exc:  # the store failed: the run stays recoverable
+            log.error("run %s stopped: %s", self.run_id, exc)
+        except Exception:
+            log.exception("run %s stopped by an internal error", self.run_id)
+        finally:
+            self.done.set()
+
+    async def _steps(self) -> None:
+        stages = self.pipeline.stages
+        i = self.state.stage_index
+        while i < len(stages):
+            stage = stages[i]
+            try:
+                if stage.when is not None and not await self._condition(stage, i):
+                    await self._advance(i, None, None, "skipped")
+                    i += 1
+                    continue
+                if stage.kind == "gate":
+                    sig = PauseSignal(stage.name, stage.schema, stage.reason, 0)
+                    await self._pause(i, stage, sig, self._attempt_of(i), gate=True)
+                    return
+                value, payload = await self._execute(stage, i)
+            except PauseSignal as sig:
+                await self._pause(i, stage, sig, self._attempt_of(i), gate=False)
+                return
+            except _Lost:
+                raise
+            except Exception as exc:
+                await self._fail(i, stage, exc)
+                return
+            await self._advance(i, value, payload, "succeeded")
+            i += 1
+
+    # -- one stage ---------------------------------------------------------------------------
+
+    def _attempt_of(self, i: int) -> int:
+        return self.state.attempts.get(i, 0) + 1
+
+    async def _execute(self, stage: Stage, i: int) -> tuple[Any, str]:
+        first = self._attempt_of(i)
+        remaining = stage.retry.attempts - first + 1
+        if remaining <= 1:
+            return await self._attempt(stage, i, first)
+        policy = stage.retry
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(remaining),
+            wait=policy.wait_strategy(),
+            retry=(
+                tenacity.retry_if_exception_type(policy.retry_on)
+                & tenacity.retry_if_not_exception_type(StageOutputError)
+            ),
+            before_sleep=functools.partial(self._journal_retry, stage, i, first),
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        result: tuple[Any, str] | None = None
+        async for attempt in retrying:
+            with attempt:
+                result = await self._attempt(
+                    stage, i, first + attempt.retry_state.attempt_number - 1
+                )
+        assert result is not None
+        return result
+
+    async def _journal_retry(
+        self, stage: Stage, i: int, first: int, retry_state: tenacity.RetryCallState
+    ) -> None:
+        attempt = first + retry_state.attempt_number - 1
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        err = error_info(exc, stage, i) if exc is not None else None
+        wait = retry_state.upcoming_sleep
+        log.info(
+            "run %s stage %s attempt %d failed (%s); retrying in %.3fs",
+            self.run_id,
+            stage.name,
+            attempt,
+            err.message if err else "",
+            wait,
+        )
+        await self._commit(
+            [
+                NewTransition(
+                    "retrying",
+                    i,
+                    stage.name,
+                    attempt,
+                    payload=codec.encode({"wait": wait}).decode(),
+                    error=codec.encode(err).decode() if err else None,
+                )
+            ]
+        )
+        self.state.attempts[i] = attempt
+
+    async def _attempt(self, stage: Stage, i: int, attempt: int) -> tuple[Any, str]:
+        kwargs = self._kwargs(self.pipeline.bindings[i])
+        if stage.context_param is not None:
+            kwargs[stage.context_param] = self._context(stage, i, attempt)
+        fn = stage.fn
+        assert fn is not None
+        if stage.timeout is None:
+            out = await self._call(stage, fn, kwargs)
+        else:
+            with anyio.move_on_after(stage.timeout) as scope:
+                out = await self._call(stage, fn, kwargs)
+            if scope.cancelled_caught:
+                raise StageTimeout(
+                    f"stage {stage.name!r} timed out after {stage.timeout}s (attempt {attempt})"
+                )
+        return check_output(stage, out)
+
+    @staticmethod
+    async def _call(stage: Stage, fn: Any, kwargs: dict[str, Any]) -> Any:
+        if stage.is_async:
+            return await fn(**kwargs)
+        return await anyio.to_thread.run_sync(
+            functools.partial(fn, **kwargs), abandon_on_cancel=True
+        )
+
+    def _context(self, stage: Stage, i: int, attempt: int) -> StageContext:
+        names = self.pipeline.stages
+        return StageContext(
+            run_id=self.run_id,
+            pipeline=self.pipeline.name,
+            stage_index=i,
+            stage_name=stage.name,
+            attempt=attempt,
+            input=self.state.input,
+            results={names[j].name: self.state.values[j] for j in range(i)},
+            answers=self.state.answers.get(i, []),
+        )
+
+    def _kwargs(self, bindings: tuple[Binding, ...]) -> dict[str, Any]:
+        state = self.state
+        kwargs: dict[str, Any] = {}
+        for b in bindings:
+            if b.from_stage is None:
+                value = state.input_fields[b.key]
+                if b.convert is not None:
+                    value = msgspec.convert(msgspec.to_builtins(value), b.convert)
+            elif b.convert is not None and state.payloads[b.from_stage] is not None:
+                value = codec.decode(state.payloads[b.from_stage] or "null", b.convert)
+            else:
+                value = state.values[b.from_stage]
+            kwargs[b.param] = value
+        return kwargs
+
+    async def _condition(self, stage: Stage, i: int) -> bool:
+        assert stage.when is not None
+        result = stage.when(**self._kwargs(self.pipeline.when_bindings[i]))
+        if hasattr(result, "__await__"):
+            result = await result
+        return bool(result)
+
+    # -- commits -----------------------------------------------------------------------------
+
+    async def _commit(
+        self, transitions: list[NewTransition], values: dict[str, Any] | None = None
+    ) -> None:
+        seq = await self.store.update_run(self.run_id, self.guard, transitions, values)
+        if seq is None:
+            raise _Lost()
+
+    async def _advance(self, i: int, value: Any, payload: str | None, event: str) -> None:
+        stages = self.pipeline.stages
+        attempt = self._attempt_of(i)
+        done = NewTransition(event, i, stages[i].name, attempt, payload=payload)
+        if i + 1 < len(stages):
+            await self._commit(
+                [done, NewTransition("started", i + 1, stages[i + 1].name, 1)],
+                {"stage_index": i + 1},
+            )
+        else:
+            await self._commit(
+                [done, NewTransition("completed", len(stages))],
+                {
+                    "stage_index": len(stages),
+                    "status": "succeeded",
+                    "output": payload,
+                    "lease_owner": None,
+                    "lease_expires": None,
+                },
+            )
+        self.state.values[i] = value
+        self.state.payloads[i] = payload
+        self.state.stage_index = i + 1
+
+    async def _pause(
+        self, i: int, stage: Stage, sig: PauseSignal, attempt: int, *, gate: bool
+    ) -> None:
+        try:
+            schema = codec.json_schema(sig.schema)
+        except TypeError as exc:
+            await self._fail(
+                i,
+                stage,
+                StageOutputError(
+                    f"stage {stage.name!r} paused with a schema msgspec cannot describe: {exc}"
+                ),
+            )
+            return
+        pause = Pause(
+            pause_id=f"{stage.name}#{sig.number}",
+            kind=sig.kind,
+            reason=sig.reason,
+            stage_index=i,
+            stage_name=stage.name,
+            schema=schema,
+            gate=gate,
+            number=sig.number,
+            schema_ref=codec.type_ref(sig.schema),
+            created_at=time.time(),
+        )
+        payload = codec.encode(pause).decode()
+        await self._commit(
+            [NewTransition("paused", i, stage.name, attempt, payload=payload)],
+            {"status": "paused", "pause": payload, "lease_owner": None, "lease_expires": None},
+        )
+        log.info("run %s paused at %s (%s)", self.run_id, stage.name, sig.kind)
+
+    async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
+        err = codec.encode(error_info(exc, stage, i)).decode()
+        await self._commit(
+            [NewTransition("failed", i, stage.name, self._attempt_of(i), error=err)],
+            {"status": "failed", "error": err, "lease_owner": None, "lease_expires": None},
+        )
+        log.warning("run %s failed at %s: %s: %s", self.run_id, stage.name, type(exc).__name__, exc)
+
+    async def _cancelled(self, i: int, stage: Stage | None) -> None:
+        seq = await self.store.update_run(
+            self.run_id,
+            Guard(("running", "pending"), owner=self.owner),
+            [NewTransition("cancelled", i, stage.name if stage else None)],
+            {"status": "cancelled", "lease_owner": None, "lease_expires": None},
+        )
+        if seq is not None:
+            log.info("run %s cancelled", self.run_id)
+
+    async def _on_lost(self) -> None:
+        record = await self.store.get_run(self.run_id)
+        if (
+            record is not None
+            and record.cancel_requested
+            and record.status in ("running", "pending")
+            and record.lease_owner == self.owner
+        ):
+            i = record.stage_index
+            stages = self.pipeline.stages
+            await self._cancelled(i, stages[i] if i < len(stages) else None)
+            return
+        log.warning("run %s is no longer ours (lease taken over); stopped driving it", self.run_id)
+
+    async def _claim(self, record: RunRecord) -> bool:
+        """Take over a recovered run: guarded on the row we read, so one engine wins."""
+        i = record.stage_index
+        stages = self.pipeline.stages
+        name = stages[i].name if i < len(stages) else None
+        if record.cancel_requested:
+            await self.store.update_run(
+                self.run_id,
+                Guard(("running", "pending"), seq=record.seq),
+                [NewTransition("cancelled", i, name)],
+                {"status": "cancelled", "lease_owner": None, "lease_expires": None},
+            )
+            return False
+        seq = await self.store.update_run(
+            self.run_id,
+            Guard(("running", "pending"), seq=record.seq),
+            [
+                NewTransition(
+                    "recovered",
+                    i,
+                    name,
+                    payload=codec.encode({"previous_owner": record.lease_owner}).decode(),
+                )
+            ],
+            {
+                "lease_owner": self.owner,
+                "lease_expires": time.time() + self.lease_ttl,
+                "status": "running",
+            },
+        )
+        if seq is None:
+            return False
+        rows = await self.store.stage_results(self.run_id)
+        self.state = RunState.load(self.pipeline, record, rows)
+        log.info("run %s recovered at stage %s", self.run_id, name)
+        return True

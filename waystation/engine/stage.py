@@ -1,0 +1,245 @@
+"""Stage definitions: `@stage`, `gate`, `Retry`, and the signature analysis they rest on.
+
+Everything that can be worked out once is worked out here, when the stage is defined: which
+parameters it takes and their types, whether it is async, where the context goes. The stepper
+then only looks things up.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import tenacity
+
+from ..errors import PipelineDefinitionError
+
+EMPTY: Any = inspect.Parameter.empty
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A parameter of a stage (or of a `when` condition)."""
+
+    name: str
+    annotation: Any
+    """The resolved type annotation, or `Any` when there is none."""
+    default: Any = EMPTY
+    """The default value, or `EMPTY` when the parameter is required."""
+
+    @property
+    def required(self) -> bool:
+        """True when no default exists."""
+        return self.default is EMPTY
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How often to retry a failing stage and how long to wait in between (via tenacity).
+
+    The wait before attempt n+1 is `backoff * multiplier ** (n - 1)`, at most `max_backoff`,
+    plus up to `jitter` seconds at random. Every failed attempt is journaled (`retrying`).
+    """
+
+    attempts: int = 3
+    """Total attempts, the first included (1 = no retry)."""
+    backoff: float = 0.0
+    """Seconds to wait after the first failure."""
+    multiplier: float = 2.0
+    """Growth of the wait after each further failure."""
+    max_backoff: float = 60.0
+    """Upper bound of one wait, in seconds."""
+    jitter: float = 0.0
+    """Random extra wait, in seconds, to spread out retries of many runs."""
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    """Only these exceptions are retried; others fail the stage at once."""
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise PipelineDefinitionError(f"Retry(attempts={self.attempts}): must be >= 1")
+        if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
+            raise PipelineDefinitionError("Retry: waits must not be negative")
+
+    def wait_strategy(self) -> tenacity.wait.wait_base:
+        """The tenacity wait strategy this policy describes."""
+        wait: tenacity.wait.wait_base = tenacity.wait_exponential(
+            multiplier=self.backoff, exp_base=self.multiplier, max=self.max_backoff
+        )
+        if self.jitter:
+            wait = wait + tenacity.wait_random(0, self.jitter)
+        return wait
+
+
+StageKind = Literal["stage", "gate"]
+
+
+class Stage:
+    """One step of a pipeline: an async (or sync) function, or a gate that only pauses.
+
+    Parameters bind by name to the run input's fields and to earlier stages' outputs; a
+    parameter annotated `StageContext` receives the context. Create stages with `@stage` or
+    `gate()`; a `Stage` is still callable as the function it wraps.
+    """
+
+    __slots__ = (
+        "context_param",
+        "fn",
+        "is_async",
+        "kind",
+        "name",
+        "params",
+        "reason",
+        "retry",
+        "returns",
+        "schema",
+        "timeout",
+        "when",
+        "when_params",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any] | None,
+        *,
+        name: str,
+        kind: StageKind = "stage",
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        when: Callable[..., Any] | None = None,
+        schema: Any = Any,
+        reason: str | None = None,
+    ) -> None:
+        from .context import StageContext
+
+        if not isinstance(name, str) or not name.isidentifier():
+            raise PipelineDefinitionError(
+                f"stage name {name!r} must be a Python identifier (later stages bind it by name)"
+            )
+        if timeout is not None and timeout <= 0:
+            raise PipelineDefinitionError(f"stage {name!r}: timeout must be positive")
+        self.fn = fn
+        self.name = name
+        self.kind: StageKind = kind
+        self.retry = retry or Retry(attempts=1)
+        self.timeout = timeout
+        self.when = when
+        self.schema = schema
+        self.reason = reason
+        self.context_param: str | None = None
+        self.is_async = False
+        params: list[Param] = []
+        self.returns: Any = Any
+        if fn is not None:
+            self.is_async = inspect.iscoroutinefunction(fn)
+            hints = resolve_hints(fn, f"stage {name!r}")
+            for p in signature_params(fn, f"stage {name!r}"):
+                annotation = hints.get(p.name, Any)
+                if annotation is StageContext:
+                    self.context_param = p.name
+                    continue
+                params.append(Param(p.name, annotation, p.default))
+            self.returns = hints.get("return", Any)
+        elif kind == "gate":
+            self.returns = schema
+        self.params: tuple[Param, ...] = tuple(params)
+        self.when_params: tuple[Param, ...] = ()
+        if when is not None:
+            hints = resolve_hints(when, f"`when` of stage {name!r}")
+            self.when_params = tuple(
+                Param(p.name, hints.get(p.name, Any), p.default)
+                for p in signature_params(when, f"`when` of stage {name!r}")
+            )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fn is None:
+            raise TypeError(f"gate {self.name!r} is not callable")
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name}>"
+
+
+def signature_params(fn: Callable[..., Any], what: str) -> list[inspect.Parameter]:
+    """The named parameters of `fn`; *args/**kwargs cannot be bound by name and are refused."""
+    out = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise PipelineDefinitionError(
+                f"{what}: *{p.name} cannot be bound; name each parameter you need"
+            )
+        if p.kind is p.POSITIONAL_ONLY:
+            raise PipelineDefinitionError(
+                f"{what}: positional-only parameter {p.name!r} cannot be bound by name"
+            )
+        out.append(p)
+    return out
+
+
+def resolve_hints(fn: Callable[..., Any], what: str) -> dict[str, Any]:
+    """Type hints with string annotations resolved; a clear error when one cannot be."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception as exc:
+        raise PipelineDefinitionError(
+            f"{what}: cannot resolve its type annotations ({exc}); define the types at "
+            "module level or import them where the function is defined"
+        ) from exc
+
+
+@overload
+def stage(fn: Callable[..., Any], /) -> Stage: ...
+
+
+@overload
+def stage(
+    *,
+    name: str | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    when: Callable[..., Any] | None = None,
+) -> Callable[[Callable[..., Any]], Stage]: ...
+
+
+def stage(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    when: Callable[..., Any] | None = None,
+) -> Stage | Callable[[Callable[..., Any]], Stage]:
+    """Make a function a pipeline stage: `@stage` or `@stage(retry=..., timeout=..., when=...)`.
+
+    A sync function runs in a worker thread. `timeout` (seconds) applies to each attempt;
+    a sync stage that times out is abandoned in its thread, not interrupted. `when` is a
+    function bound like a stage; when it returns false the stage is skipped and outputs None.
+    """
+
+    def wrap(f: Callable[..., Any]) -> Stage:
+        if isinstance(f, Stage):
+            raise PipelineDefinitionError(f"{f.name!r} is already a stage")
+        return Stage(f, name=name or f.__name__, retry=retry, timeout=timeout, when=when)
+
+    if fn is not None:
+        return wrap(fn)
+    return wrap
+
+
+def gate(
+    name: str,
+    *,
+    schema: Any = Any,
+    reason: str | None = None,
+    when: Callable[..., Any] | None = None,
+) -> Stage:
+    """A stage that only pauses, for a person's answer.
+
+    The run pauses here with `run.pause.kind == name`; `engine.resume(run_id, value)` checks
+    `value` against `schema` and commits it as this stage's output, and the run continues at
+    the next stage. Nothing before the gate runs again.
+    """
+    return Stage(None, name=name, kind="gate", schema=schema, reason=reason, when=when)

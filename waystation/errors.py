@@ -1,0 +1,66 @@
+"""The error hierarchy. Every error waystation raises is a `WaystationError`.
+
+Each message says what went wrong and, where there is one, what to do next.
+"""
+
+from __future__ import annotations
+
+
+class WaystationError(Exception):
+    """Base class of every error raised by waystation."""
+
+
+class PipelineDefinitionError(WaystationError):
+    """A pipeline is malformed (duplicate names, unbound parameters, bad ordering, ...)."""
+
+
+class PipelineNotRegistered(WaystationError):
+    """The engine was asked to run a pipeline it was not opened with."""
+
+
+class PipelineChanged(WaystationError):
+    """A run was started under a pipeline whose definition differs from the registered one."""
+
+
+class InvalidInput(WaystationError):
+    """A run's input does not match the pipeline's input fields."""
+
+
+class InvalidResumeInput(WaystationError):
+    """A resume value does not match the pause's schema. The run stays paused, untouched."""
+
+
+class RunNotFound(WaystationError):
+    """No run with this id exists in the database."""
+
+
+class RunAlreadyExists(WaystationError):
+    """A run with this id already exists for a different pipeline."""
+
+
+class NotPaused(WaystationError):
+    """The run is not paused (any more): it cannot be resumed."""
+
+
+class InvalidRunState(WaystationError):
+    """The operation does not apply to a run in its current status."""
+
+
+class StageOutputError(WaystationError):
+    """A stage returned a value that does not match its annotation or cannot be serialized."""
+
+
+class StoreError(WaystationError):
+    """The database cannot be used: not a waystation database, newer schema, I/O failure."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer waystation; upgrade waystation to open it."""
+
+
+class NotAWaystationDatabase(StoreError):
+    """The file exists but is not a waystation database (or not SQLite at all)."""
+
+
+class StageTimeout(WaystationError, TimeoutError):
+    """A stage attempt ran longer than its `timeout`."""

@@ -1,0 +1,176 @@
+"""The `Store` protocol: everything the engine asks of a database, and the rows it gets back.
+
+Records carry payloads as JSON text; decoding into user types is the engine's job, since only
+the engine knows the pipeline's annotations. Every state change is a guarded update: the
+database, not Python, decides which of two racing writers wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+RunStatus = Literal["pending", "running", "paused", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+SETTLED: frozenset[str] = TERMINAL | {"paused"}
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run row as stored."""
+
+    run_id: str
+    pipeline: str
+    pipeline_version: str
+    fingerprint: str
+    status: str
+    stage_index: int
+    seq: int
+    input: str | None
+    output: str | None
+    error: str | None
+    pause: str | None
+    parent_run_id: str | None
+    root_run_id: str
+    run_kind: str
+    depth: int
+    idempotency_key: str | None
+    lease_owner: str | None
+    lease_expires: float | None
+    cancel_requested: bool
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    """A journal row as stored."""
+
+    run_id: str
+    seq: int
+    stage_index: int | None
+    stage_path: str | None
+    event: str
+    attempt: int
+    payload: str | None
+    error: str | None
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewTransition:
+    """A journal row to append; the store assigns `seq` and `at`."""
+
+    event: str
+    stage_index: int | None = None
+    stage_path: str | None = None
+    attempt: int = 0
+    payload: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """What must hold of a run row for an update to apply."""
+
+    statuses: tuple[str, ...]
+    """The run's status must be one of these."""
+    owner: str | None = None
+    """If set, the run's lease must belong to this owner (fencing off a stale driver)."""
+    seq: int | None = None
+    """If set, the journal must not have moved since this sequence number was read."""
+    not_cancel_requested: bool = False
+    """If set, the update fails once somebody has asked for the run to be cancelled."""
+
+
+RUN_COLUMNS: frozenset[str] = frozenset(
+    {
+        "status",
+        "stage_index",
+        "output",
+        "error",
+        "pause",
+        "lease_owner",
+        "lease_expires",
+        "cancel_requested",
+        "input",
+        "fingerprint",
+        "pipeline_version",
+    }
+)
+"""Columns an update may set (anything else is refused; no SQL is built from user strings)."""
+
+
+@dataclass(slots=True)
+class NewRun:
+    """A run to insert, with its first journal rows."""
+
+    run_id: str
+    pipeline: str
+    pipeline_version: str
+    fingerprint: str
+    status: str
+    input: str | None
+    root_run_id: str
+    parent_run_id: str | None = None
+    run_kind: str = "root"
+    depth: int = 0
+    idempotency_key: str | None = None
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    transitions: list[NewTransition] = field(default_factory=list)
+
+
+class Store(Protocol):
+    """Durable storage of runs and their journals."""
+
+    async def open(self) -> None:
+        """Open connections and apply (or, read-only, verify) migrations."""
+
+    async def close(self) -> None:
+        """Flush pending writes and close. Writes submitted before close are committed."""
+
+    async def create_run(self, run: NewRun) -> tuple[bool, RunRecord]:
+        """Insert `run` unless its id or idempotency key exists; returns (created, row)."""
+
+    async def update_run(
+        self,
+        run_id: str,
+        guard: Guard,
+        transitions: Sequence[NewTransition],
+        values: dict[str, Any] | None = None,
+    ) -> int | None:
+        """Append `transitions` and set `values` if `guard` holds; the new seq, else None."""
+
+    async def renew_leases(self, owner: str, expires: float) -> int:
+        """Extend every lease `owner` holds on an active run; returns how many."""
+
+    async def release_leases(self, owner: str) -> int:
+        """Drop `owner`'s leases (clean shutdown) so another engine may continue at once."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """One run row, or None."""
+
+    async def get_run_by_key(self, idempotency_key: str) -> RunRecord | None:
+        """The run started with this idempotency key, or None."""
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline: str | None = None,
+        parent_run_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        """Runs in run id order (creation order), after `after`, at most `limit`."""
+
+    async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
+        """The run's journal rows after `after_seq`, in order."""
+
+    async def stage_results(self, run_id: str) -> list[TransitionRecord]:
+        """The rows a driver needs to continue a run: succeeded, skipped, retrying, resumed."""
+
+    async def active_runs(self, after: str | None = None, limit: int = 1000) -> list[RunRecord]:
+        """Pending or running runs in run id order after `after` (recovery scans these)."""

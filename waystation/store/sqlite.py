@@ -1,0 +1,455 @@
+"""The embedded SQLite store: WAL, one writer thread with group commit, aiosqlite readers.
+
+Group commit: every write is a small function queued to one writer thread, which takes all
+that is queued, runs it in one transaction, commits once and then wakes each caller. A
+caller's write is durable when its await returns. Alone, a stage pays one commit; under load,
+hundreds of runs share one fsync. The writer is a thread of our own rather than an aiosqlite
+connection because a batch must run as one call on the connection's thread: through
+aiosqlite each statement would be a separate thread hop. Reads use aiosqlite connections and,
+thanks to WAL, never wait for the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import aiosqlite
+
+from .. import migrations
+from ..errors import NotAWaystationDatabase, StoreError
+from .base import (
+    RUN_COLUMNS,
+    Guard,
+    NewRun,
+    NewTransition,
+    RunRecord,
+    TransitionRecord,
+)
+
+Durability = Literal["full", "normal"]
+
+_RUN_FIELDS = (
+    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
+    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
+    "lease_expires, cancel_requested, created_at, updated_at"
+)
+_TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
+_INSERT_TRANSITION = (
+    "INSERT INTO transitions (run_id, seq, stage_index, stage_path, event, attempt, payload, "
+    "error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_MAX_BATCH = 2000
+
+WriteOp = Callable[[sqlite3.Connection], Any]
+
+
+def _run(row: Any) -> RunRecord:
+    return RunRecord(*row)
+
+
+def _transition(row: Any) -> TransitionRecord:
+    return TransitionRecord(*row)
+
+
+def _connect(path: str, durability: Durability) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise NotAWaystationDatabase(f"{path}: not a waystation database ({exc})") from exc
+    conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+class _Writer:
+    """One thread, one connection, one transaction per batch of queued writes."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[tuple[WriteOp, asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._main, name="waystation-writer", daemon=True)
+        self._thread.start()
+        self.batches = 0
+        self.writes = 0
+
+    def submit(self, op: WriteOp) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.put((op, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _main(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            if item is None:
+                break
+            batch = [item]
+            while len(batch) < _MAX_BATCH:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            self._commit(batch)
+        self._conn.close()
+
+    def _commit(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
+        conn = self._conn
+        outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [op(conn) for op, _ in batch]
+            conn.execute("COMMIT")
+            outcomes = [(f, True, r) for (_, f), r in zip(batch, results, strict=True)]
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            # One bad write must not sink its neighbours: redo each in its own transaction.
+            for op, future in batch:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    result = op(conn)
+                    conn.execute("COMMIT")
+                    outcomes.append((future, True, result))
+                except BaseException as exc:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    outcomes.append((future, False, _store_error(exc)))
+        self.batches += 1
+        self.writes += len(batch)
+        # One wake-up per event loop per batch, not one per caller.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in items:
+        if future.done():
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+def _store_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.Error):
+        return StoreError(f"database write failed: {type(exc).__name__}: {exc}")
+    return exc
+
+
+class SQLiteStore:
+    """The default store: one SQLite file in WAL mode.
+
+    `durability="full"` (default) fsyncs the WAL at every commit: a committed transition
+    survives power loss. `"normal"` (WAL + synchronous=NORMAL) survives a crash of the process
+    but may lose the last commits (never corrupting the file) on power loss or an OS crash.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, durability: Durability = "full") -> None:
+        if durability not in ("full", "normal"):
+            raise ValueError(f"durability must be 'full' or 'normal', not {durability!r}")
+        self.path = os.fspath(path)
+        self.durability: Durability = durability
+        self._writer: _Writer | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._update_sql: dict[tuple[Any, ...], str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def open(self, *, migrate: bool = True) -> None:
+        """Open the file, apply migrations (or verify them), start the writer and a reader."""
+
+        def prepare() -> sqlite3.Connection:
+            if os.path.isdir(self.path):
+                raise StoreError(f"{self.path} is a directory, not a database file")
+            conn = _connect(self.path, self.durability)
+            try:
+                migrations.apply(conn, "sqlite", verify_only=not migrate)
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+
+        try:
+            conn = await asyncio.to_thread(prepare)
+        except sqlite3.DatabaseError as exc:
+            raise NotAWaystationDatabase(f"{self.path}: {exc}") from exc
+        self._writer = _Writer(conn)
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+        await self._reader.execute("PRAGMA query_only=ON")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            await asyncio.to_thread(writer.stop)
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Commits so far (`batches`) and writes they carried (`writes`)."""
+        if self._writer is None:
+            return {"batches": 0, "writes": 0}
+        return {"batches": self._writer.batches, "writes": self._writer.writes}
+
+    async def _write(self, op: WriteOp) -> Any:
+        if self._writer is None:
+            raise StoreError("store is closed")
+        return await self._writer.submit(op)
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("store is closed")
+        return self._reader
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def create_run(self, run: NewRun) -> tuple[bool, RunRecord]:
+        def op(conn: sqlite3.Connection) -> tuple[bool, Any]:
+            now = time.time()
+            if run.idempotency_key is not None:
+                row = conn.execute(
+                    f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?",
+                    (run.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    return False, row
+            row = conn.execute(
+                f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
+            ).fetchone()
+            if row is not None:
+                return False, row
+            conn.execute(
+                "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
+                "stage_index, seq, input, parent_run_id, root_run_id, run_kind, depth, "
+                "idempotency_key, lease_owner, lease_expires, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run.run_id,
+                    run.pipeline,
+                    run.pipeline_version,
+                    run.fingerprint,
+                    run.status,
+                    len(run.transitions),
+                    run.input,
+                    run.parent_run_id,
+                    run.root_run_id,
+                    run.run_kind,
+                    run.depth,
+                    run.idempotency_key,
+                    run.lease_owner,
+                    run.lease_expires,
+                    now,
+                    now,
+                ),
+            )
+            _append(conn, run.run_id, 0, run.transitions, now)
+            row = conn.execute(
+                f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
+            ).fetchone()
+            return True, row
+
+        created, row = await self._write(op)
+        return created, _run(row)
+
+    async def update_run(
+        self,
+        run_id: str,
+        guard: Guard,
+        transitions: Sequence[NewTransition],
+        values: dict[str, Any] | None = None,
+    ) -> int | None:
+        values = values or {}
+        unknown = set(values) - RUN_COLUMNS
+        if unknown:
+            raise ValueError(f"cannot set run columns {sorted(unknown)}")
+        columns = tuple(values)
+        key = (
+            columns,
+            len(guard.statuses),
+            guard.owner is not None,
+            guard.seq is not None,
+            guard.not_cancel_requested,
+        )
+        sql = self._update_sql.get(key)
+        if sql is None:
+            sets = "".join(f", {c} = ?" for c in columns)
+            where = f"run_id = ? AND status IN ({', '.join('?' * len(guard.statuses))})"
+            if guard.owner is not None:
+                where += " AND lease_owner = ?"
+            if guard.seq is not None:
+                where += " AND seq = ?"
+            if guard.not_cancel_requested:
+                where += " AND cancel_requested = 0"
+            sql = f"UPDATE runs SET seq = seq + ?, updated_at = ?{sets} WHERE {where} RETURNING seq"
+            self._update_sql[key] = sql
+        n = len(transitions)
+        tail: list[Any] = [run_id, *guard.statuses]
+        if guard.owner is not None:
+            tail.append(guard.owner)
+        if guard.seq is not None:
+            tail.append(guard.seq)
+        column_values = [values[c] for c in columns]
+
+        def op(conn: sqlite3.Connection) -> int | None:
+            now = time.time()
+            row = conn.execute(sql, (n, now, *column_values, *tail)).fetchone()
+            if row is None:
+                return None
+            new_seq: int = row[0]
+            _append(conn, run_id, new_seq - n, transitions, now)
+            return new_seq
+
+        result: int | None = await self._write(op)
+        return result
+
+    async def renew_leases(self, owner: str, expires: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE runs SET lease_expires = ? WHERE lease_owner = ? "
+                "AND status IN ('pending', 'running')",
+                (expires, owner),
+            )
+            return cur.rowcount
+
+        count: int = await self._write(op)
+        return count
+
+    async def release_leases(self, owner: str) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "UPDATE runs SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?",
+                (owner,),
+            )
+            return cur.rowcount
+
+        count: int = await self._write(op)
+        return count
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _run(row)
+
+    async def get_run_by_key(self, idempotency_key: str) -> RunRecord | None:
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else _run(row)
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        pipeline: str | None = None,
+        parent_run_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[RunRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("status", status),
+            ("pipeline", pipeline),
+            ("parent_run_id", parent_run_id),
+        ):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if after is not None:
+            where.append("run_id > ?")
+            params.append(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(int(limit))
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs {clause} ORDER BY run_id LIMIT ?", params
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_run(r) for r in rows]
+
+    async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
+        async with self._r.execute(
+            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
+            "ORDER BY seq",
+            (run_id, after_seq),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_transition(r) for r in rows]
+
+    async def stage_results(self, run_id: str) -> list[TransitionRecord]:
+        async with self._r.execute(
+            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
+            "AND event IN ('succeeded', 'skipped', 'retrying', 'resumed') ORDER BY seq",
+            (run_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_transition(r) for r in rows]
+
+    async def active_runs(self, after: str | None = None, limit: int = 1000) -> list[RunRecord]:
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs WHERE status IN ('pending', 'running') "
+            "AND run_id > ? ORDER BY run_id LIMIT ?",
+            (after or "", limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_run(r) for r in rows]
+
+
+def _append(
+    conn: sqlite3.Connection,
+    run_id: str,
+    first_seq: int,
+    transitions: Sequence[NewTransition],
+    now: float,
+) -> None:
+    if not transitions:
+        return
+    conn.executemany(
+        _INSERT_TRANSITION,
+        [
+            (
+                run_id,
+                first_seq + i + 1,
+                t.stage_index,
+                t.stage_path,
+                t.event,
+                t.attempt,
+                t.payload,
+                t.error,
+                now,
+            )
+            for i, t in enumerate(transitions)
+        ],
+    )
