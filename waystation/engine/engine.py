@@ -13,7 +13,7 @@ import secrets
 import socket
 import time
 from collections.abc import AsyncIterator, Generator, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
@@ -86,11 +86,13 @@ class Engine:
         max_concurrent_runs: int = 1000,
         lease_ttl: float = 30.0,
         recover: bool = True,
+        poll_interval: float = 1.0,
     ) -> None:
-        if lease_ttl <= 0:
-            raise ValueError("lease_ttl must be positive")
+        if lease_ttl <= 0 or poll_interval <= 0:
+            raise ValueError("lease_ttl and poll_interval must be positive")
         self.store = store
         self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
         self.owner = _owner_id()
         self._recover_on_open = recover
         self._pipelines: dict[tuple[str, str], Pipeline] = {}
@@ -99,6 +101,7 @@ class Engine:
             self.register(p)
         self._limiter = anyio.CapacityLimiter(max_concurrent_runs)
         self._active: dict[str, Driver] = {}
+        self._stranded: set[str] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._service: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
@@ -117,12 +120,17 @@ class Engine:
         max_concurrent_runs: int = 1000,
         lease_ttl: float = 30.0,
         recover: bool = True,
+        poll_interval: float = 1.0,
     ) -> Engine:
         """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
 
         Use it as `async with Engine.open(...) as engine:` or `engine = await Engine.open(...)`.
         `durability="full"` makes every commit survive power loss; `"normal"` survives a
         process crash but may lose the last commits on power loss (see README).
+        With `recover=True` (the default) the engine is also a worker: on open and then
+        every `poll_interval` seconds it takes over runs that are runnable and unowned
+        (their owner died, their lease expired, or they were resumed by a process that
+        does not have their pipeline). Read-only tools pass `recover=False`.
         """
         store: Store
         if isinstance(path, str | os.PathLike):
@@ -135,6 +143,7 @@ class Engine:
             max_concurrent_runs=max_concurrent_runs,
             lease_ttl=lease_ttl,
             recover=recover,
+            poll_interval=poll_interval,
         )
 
     def __await__(self) -> Generator[Any, None, Engine]:
@@ -347,6 +356,8 @@ class Engine:
         finally:
             if self._active.get(driver.run_id) is driver:
                 del self._active[driver.run_id]
+            if driver.stranded:
+                self._stranded.add(driver.run_id)
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run pauses, succeeds, fails or is cancelled; returns it then.
@@ -382,7 +393,9 @@ class Engine:
         `value` is checked against the pause's schema first (`InvalidResumeInput`, and the
         run stays paused, untouched). Of two concurrent resumes exactly one wins; the other
         gets `NotPaused`. Returns once the run pauses again or finishes (or at once, with
-        `wait=False`).
+        `wait=False`). An engine that does not have the run's pipeline (a web handler, the
+        CLI) only records the answer and returns the run `pending`: a worker engine that has
+        the pipeline continues it.
         """
         self._check_open()
         record = await self._record(run_id)
@@ -391,8 +404,13 @@ class Engine:
         pause = msgspec.json.decode(record.pause, type=Pause)
         if pause_id is not None and pause_id != pause.pause_id:
             raise NotPaused(f"run {run_id} has no open pause {pause_id!r} (open: {pause.pause_id})")
-        p = self._pipeline_of(record)
+        try:
+            p: Pipeline | None = self._pipeline_of(record)
+        except PipelineNotRegistered:
+            p = None
         answer = self._check_answer(run_id, p, pause, value)
+        if p is None:
+            return await self._record_answer(record, pause, answer)
         i = pause.stage_index
         stages = p.stages
         # A gate's answer is its output: stored once, in its `succeeded` row.
@@ -429,7 +447,23 @@ class Engine:
             return self._to_run(await self._record(run_id))
         return await self.wait(run_id, timeout=timeout)
 
-    def _check_answer(self, run_id: str, p: Pipeline, pause: Pause, value: Any) -> str:
+    async def _record_answer(self, record: RunRecord, pause: Pause, answer: str) -> Run:
+        """Resume without the pipeline: commit the answer and leave the run `pending`, for a
+        worker that has the pipeline to continue (it finds the answer in the journal)."""
+        seq = await self.store.update_run(
+            record.run_id,
+            Guard(("paused",), seq=record.seq),
+            [NewTransition("resumed", pause.stage_index, pause.stage_name, payload=answer)],
+            {"status": "pending", "pause": None, "lease_owner": None, "lease_expires": None},
+        )
+        if seq is None:
+            raise NotPaused(
+                f"run {record.run_id} was resumed or cancelled by someone else meanwhile"
+            )
+        log.info("run %s answered at %s; left for a worker", record.run_id, pause.stage_name)
+        return self._to_run(await self._record(record.run_id))
+
+    def _check_answer(self, run_id: str, p: Pipeline | None, pause: Pause, value: Any) -> str:
         """Validate a resume value against the pause's schema; the JSON to commit."""
         try:
             raw = codec.encode(value)
@@ -438,7 +472,7 @@ class Engine:
                 f"resume value for run {run_id} cannot be serialized: {exc}"
             ) from exc
         tp: Any = None
-        if pause.gate:
+        if pause.gate and p is not None:
             tp = p.stages[pause.stage_index].schema
         elif pause.schema_ref is not None:
             tp = codec.resolve_type_ref(pause.schema_ref)
@@ -593,6 +627,31 @@ class Engine:
             updated_at=_when(r.updated_at),
         )
 
+    async def prune(
+        self,
+        *,
+        older_than: timedelta | float,
+        status: Sequence[str] = ("succeeded", "cancelled"),
+    ) -> int:
+        """Delete finished runs last changed more than `older_than` ago (seconds or a
+        timedelta), with their journals; returns how many runs were deleted.
+
+        A tree of runs (a root and its children) goes only as a whole, once every run in it
+        has one of `status`. A run id used again after pruning starts a fresh run.
+        """
+        self._check_open()
+        seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        unknown = set(status) - TERMINAL
+        if unknown:
+            raise InvalidRunState(f"only finished runs can be pruned, not {sorted(unknown)}")
+        cutoff = time.time() - float(seconds)
+        total = 0
+        while True:
+            deleted = await self.store.prune(cutoff, tuple(status))
+            total += deleted
+            if deleted == 0:
+                return total
+
     # -- leases and recovery -----------------------------------------------------------------
 
     async def recover(self) -> int:
@@ -606,7 +665,9 @@ class Engine:
         claimed = 0
         after: str | None = None
         while True:
-            batch = await self.store.active_runs(after=after, limit=500)
+            batch = await self.store.active_runs(
+                after=after, limit=500, exclude_owner=None if self._stranded else self.owner
+            )
             if not batch:
                 return claimed
             after = batch[-1].run_id
@@ -618,6 +679,7 @@ class Engine:
                 except WaystationError as exc:
                     log.warning("run %s not recovered: %s", record.run_id, exc)
                     continue
+                self._stranded.discard(record.run_id)
                 state = RunState(record.run_id, None, {}, record.stage_index, [], [])
                 self._launch(Driver(**self._driver_args(p), state=state, claim=record))
                 claimed += 1
@@ -626,19 +688,21 @@ class Engine:
         if record.lease_owner is None or record.lease_expires is None:
             return True
         if record.lease_owner == self.owner:
-            return False
+            # Ours: abandoned only if our driver stopped on a failed commit.
+            return record.run_id in self._stranded
         return record.lease_expires < now or _owner_is_dead(record.lease_owner)
 
     async def _maintain(self) -> None:
-        """Renew our leases and pick up abandoned runs, every third of the lease time."""
-        period = self.lease_ttl / 3
-        ticks = 0
+        """Renew our leases every third of the lease time; look for runnable runs."""
+        renew_every = self.lease_ttl / 3
+        last_renewal = time.monotonic()
         while True:
-            await anyio.sleep(period)
-            ticks += 1
+            await anyio.sleep(min(self.poll_interval, renew_every))
             try:
-                await self.store.renew_leases(self.owner, time.time() + self.lease_ttl)
-                if ticks % 3 == 0:
+                if time.monotonic() - last_renewal >= renew_every:
+                    await self.store.renew_leases(self.owner, time.time() + self.lease_ttl)
+                    last_renewal = time.monotonic()
+                if self._recover_on_open:
                     await self.recover()
             except Exception:
                 log.exception("lease maintenance failed; will try again")

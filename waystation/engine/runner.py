@@ -170,6 +170,8 @@ class Driver:
         self.guard = Guard(("running",), owner=owner, not_cancel_requested=True)
         self.scope = anyio.CancelScope()
         self.cancel_requested = False
+        self.stranded = False
+        """Set when the run stopped unsettled (a failed commit): the engine retries it later."""
         self.done = anyio.Event()
 
     @property
@@ -198,9 +200,11 @@ class Driver:
         except anyio.get_cancelled_exc_class():
             raise
         except WaystationError as exc:  # the store failed: the run stays recoverable
-            log.error("run %s stopped: %s", self.run_id, exc)
+            self.stranded = True
+            log.error("run %s stopped: %s; it will be retried", self.run_id, exc)
         except Exception:
-            log.exception("run %s stopped by an internal error", self.run_id)
+            self.stranded = True
+            log.exception("run %s stopped by an internal error; it will be retried", self.run_id)
         finally:
             self.done.set()
 
@@ -215,9 +219,17 @@ class Driver:
                     i += 1
                     continue
                 if stage.kind == "gate":
-                    sig = PauseSignal(stage.name, stage.schema, stage.reason, 0)
-                    await self._pause(i, stage, sig, self._attempt_of(i), gate=True)
-                    return
+                    answers = self.state.answers.get(i)
+                    if not answers:
+                        sig = PauseSignal(stage.name, stage.schema, stage.reason, 0)
+                        await self._pause(i, stage, sig, self._attempt_of(i), gate=True)
+                        return
+                    # Answered by a process without this pipeline: the answer waits in the
+                    # journal's `resumed` row, and becomes the gate's output here.
+                    value = codec.decode(answers[-1], stage.schema)
+                    await self._advance(i, value, answers[-1], "succeeded")
+                    i += 1
+                    continue
                 value, payload = await self._execute(stage, i)
             except PauseSignal as sig:
                 await self._pause(i, stage, sig, self._attempt_of(i), gate=False)

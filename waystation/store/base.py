@@ -172,5 +172,12 @@ class Store(Protocol):
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         """The rows a driver needs to continue a run: succeeded, skipped, retrying, resumed."""
 
-    async def active_runs(self, after: str | None = None, limit: int = 1000) -> list[RunRecord]:
-        """Pending or running runs in run id order after `after` (recovery scans these)."""
+    async def active_runs(
+        self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None
+    ) -> list[RunRecord]:
+        """Pending or running runs in run id order after `after` (recovery scans these),
+        leaving out those leased by `exclude_owner`."""
+
+    async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
+        """Delete up to `limit` whole trees whose runs all have one of `statuses` and were
+        all last updated before `before`; returns the number of runs deleted."""

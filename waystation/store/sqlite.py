@@ -353,6 +353,10 @@ class SQLiteStore:
         count: int = await self._write(op)
         return count
 
+    async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
+        count: int = await self._write(lambda conn: _prune(conn, before, statuses, limit))
+        return count
+
     # -- reads -------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -417,14 +421,40 @@ class SQLiteStore:
             rows = await cur.fetchall()
         return [_transition(r) for r in rows]
 
-    async def active_runs(self, after: str | None = None, limit: int = 1000) -> list[RunRecord]:
+    async def active_runs(
+        self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None
+    ) -> list[RunRecord]:
         async with self._r.execute(
             f"SELECT {_RUN_FIELDS} FROM runs WHERE status IN ('pending', 'running') "
-            "AND run_id > ? ORDER BY run_id LIMIT ?",
-            (after or "", limit),
+            "AND run_id > ? AND (lease_owner IS NULL OR lease_owner != ?) "
+            "ORDER BY run_id LIMIT ?",
+            (after or "", exclude_owner or "", limit),
         ) as cur:
             rows = await cur.fetchall()
         return [_run(r) for r in rows]
+
+
+def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], limit: int) -> int:
+    marks = ", ".join("?" * len(statuses))
+    roots = [
+        r[0]
+        for r in conn.execute(
+            "SELECT root_run_id FROM runs GROUP BY root_run_id "
+            f"HAVING MAX(updated_at) < ? AND SUM(status NOT IN ({marks})) = 0 LIMIT ?",
+            (before, *statuses, limit),
+        )
+    ]
+    if not roots:
+        return 0
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS prune_roots (run_id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM prune_roots")
+    conn.executemany("INSERT INTO prune_roots VALUES (?)", [(r,) for r in roots])
+    conn.execute(
+        "DELETE FROM transitions WHERE run_id IN "
+        "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
+    )
+    cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
+    return cur.rowcount
 
 
 def _append(

@@ -26,6 +26,7 @@ CREATE UNIQUE INDEX runs_idempotency ON runs (idempotency_key) WHERE idempotency
 CREATE INDEX runs_status ON runs (status, run_id);
 CREATE INDEX runs_pipeline ON runs (pipeline, run_id);
 CREATE INDEX runs_parent ON runs (parent_run_id, run_id) WHERE parent_run_id IS NOT NULL;
+CREATE INDEX runs_root ON runs (root_run_id);
 
 -- The append-only transition journal. A stage's output lives only in its `succeeded` row.
 CREATE TABLE transitions (
