@@ -85,3 +85,81 @@ async def test_prune_deletes_finished_runs_and_journals(db: Path) -> None:
         assert events == ["created", "started", "succeeded", "started", "paused"]
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+class Flaky:
+    """A switch the tests flip to 'fix the bug' between a failed run and its retry/replay."""
+
+    broken = True
+    executed: list[str] = []
+
+
+@ws.stage
+async def load(n: int) -> int:
+    Flaky.executed.append("load")
+    return n + 1
+
+
+@ws.stage
+async def compute(load: int) -> int:
+    Flaky.executed.append("compute")
+    if Flaky.broken:
+        raise ValueError("bug in compute")
+    return load * 10
+
+
+@ws.stage
+async def publish(compute: int) -> str:
+    Flaky.executed.append("publish")
+    return f"result {compute}"
+
+
+buggy = ws.Pipeline("buggy", [load, compute, publish])
+
+
+async def test_retry_continues_a_failed_run_at_its_failed_stage(db: Path) -> None:
+    Flaky.broken, Flaky.executed = True, []
+    async with ws.Engine.open(db, pipelines=[buggy]) as engine:
+        run = await engine.start(buggy, {"n": 1})
+        assert run.status == "failed" and run.error is not None
+        assert run.error.stage_name == "compute" and "bug in compute" in run.error.message
+        Flaky.broken = False
+        retried = await engine.retry(run.run_id)
+        assert retried.run_id == run.run_id
+        assert retried.status == "succeeded" and retried.output == "result 20"
+        assert retried.error is None
+        assert Flaky.executed == ["load", "compute", "compute", "publish"]
+        events = [t.event for t in await engine.history(run.run_id)]
+        assert events.count("retried") == 1 and events.count("failed") == 1
+        with pytest.raises(ws.InvalidRunState, match="succeeded"):
+            await engine.retry(run.run_id)
+
+
+async def test_replay_reuses_outputs_before_the_failed_stage(db: Path) -> None:
+    Flaky.broken, Flaky.executed = True, []
+    async with ws.Engine.open(db, pipelines=[buggy]) as engine:
+        failed = await engine.start(buggy, {"n": 4})
+        Flaky.broken = False
+        replay = await engine.replay(failed.run_id)
+        assert replay.run_id != failed.run_id
+        assert replay.run_kind == "replay" and replay.replay_of == failed.run_id
+        assert replay.status == "succeeded" and replay.output == "result 50"
+        assert Flaky.executed == ["load", "compute", "compute", "publish"]  # load reused
+        history = await engine.history(replay.run_id)
+        assert [(t.event, t.stage_index) for t in history][:3] == [
+            ("created", None),
+            ("reused", 0),
+            ("started", 1),
+        ]
+        assert (await engine.get(failed.run_id)).status == "failed"  # the original is kept
+
+        # Time travel on a succeeded run: from a named stage, or with a new input.
+        Flaky.executed = []
+        again = await engine.replay(replay.run_id, from_stage="publish")
+        assert again.output == "result 50" and Flaky.executed == ["publish"]
+        fresh = await engine.replay(replay.run_id, input={"n": 0})
+        assert fresh.output == "result 10"
+        with pytest.raises(ws.InvalidRunState, match="from_stage"):
+            await engine.replay(replay.run_id)
+        with pytest.raises(ws.InvalidInput, match="no stage"):
+            await engine.replay(replay.run_id, from_stage="nope")

@@ -440,9 +440,7 @@ class Engine:
             raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
         log.info("run %s resumed at %s", run_id, pause.stage_name)
         if values["status"] == "running":
-            rows = await self.store.stage_results(run_id)
-            fresh = await self._record(run_id)
-            self._launch(Driver(**self._driver_args(p), state=RunState.load(p, fresh, rows)))
+            await self._continue(p, run_id)
         if not wait:
             return self._to_run(await self._record(run_id))
         return await self.wait(run_id, timeout=timeout)
@@ -486,6 +484,137 @@ class Engine:
                 f"resume value for run {run_id} ({pause.kind} at stage {pause.stage_name!r}) "
                 f"does not match its schema: {exc}"
             ) from exc
+
+    # -- retry and replay --------------------------------------------------------------------
+
+    async def retry(self, run_id: str, *, wait: bool = True, timeout: float | None = None) -> Run:
+        """Continue a failed or cancelled run at the stage where it stopped (same run id).
+
+        Earlier results are kept; the stage gets a fresh retry budget. The journal shows a
+        `retried` row. Refused (`InvalidRunState`) for a run that is not failed or cancelled.
+        """
+        self._check_open()
+        record = await self._record(run_id)
+        if record.status not in ("failed", "cancelled"):
+            raise InvalidRunState(
+                f"run {run_id} is {record.status}; only failed or cancelled runs can be retried"
+            )
+        p = self._pipeline_of(record)
+        i = record.stage_index
+        name = p.stages[i].name if i < len(p.stages) else None
+        seq = await self.store.update_run(
+            run_id,
+            Guard(("failed", "cancelled"), seq=record.seq),
+            [NewTransition("retried", i, name), NewTransition("started", i, name, 1)],
+            {
+                "status": "running",
+                "error": None,
+                "cancel_requested": 0,
+                "lease_owner": self.owner,
+                "lease_expires": time.time() + self.lease_ttl,
+            },
+        )
+        if seq is None:
+            raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
+        log.info("run %s retried at %s", run_id, name)
+        await self._continue(p, run_id)
+        if not wait:
+            return await self.get(run_id)
+        return await self.wait(run_id, timeout=timeout)
+
+    async def replay(
+        self,
+        run_id: str,
+        *,
+        from_stage: str | int | None = None,
+        input: Any = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> Run:
+        """Fork a finished run into a new one that re-executes from `from_stage`.
+
+        The new run (`run_kind="replay"`, `replay_of=run_id`) reuses the committed outputs of
+        the stages before `from_stage` without executing them (journal rows `reused`), and
+        executes from there with the code registered now (a fixed bug, say). `from_stage`
+        defaults to the stage where the run failed or was cancelled; a succeeded run needs it.
+        With `input=` the run input is replaced and, unless `from_stage` says otherwise,
+        nothing is reused.
+        """
+        self._check_open()
+        record = await self._record(run_id)
+        if record.status not in TERMINAL:
+            raise InvalidRunState(
+                f"run {run_id} is {record.status}; only finished runs can be replayed"
+            )
+        p = self._pipeline_of(record)
+        if from_stage is None:
+            if input is not None:
+                start = 0
+            elif record.status == "succeeded":
+                raise InvalidRunState(
+                    f"run {run_id} succeeded; say which stage to replay from (from_stage=)"
+                )
+            else:
+                start = record.stage_index
+        elif isinstance(from_stage, int):
+            if not 0 <= from_stage < len(p.stages):
+                raise InvalidInput(f"from_stage {from_stage} is not a stage index of {p.name!r}")
+            start = from_stage
+        else:
+            if from_stage not in p.index:
+                raise InvalidInput(
+                    f"pipeline {p.name!r} has no stage {from_stage!r} "
+                    f"(stages: {', '.join(p.index)})"
+                )
+            start = p.index[from_stage]
+        if input is not None:
+            text, _ = p.validate_input(input)
+        else:
+            text = record.input or "{}"
+        reused: list[NewTransition] = []
+        for row in await self.store.stage_results(run_id):
+            i = row.stage_index
+            if i is None or i >= start:
+                continue
+            if row.event in ("succeeded", "reused"):
+                reused.append(NewTransition("reused", i, row.stage_path, 0, payload=row.payload))
+            elif row.event == "skipped":
+                reused.append(NewTransition("skipped", i, row.stage_path, 0))
+        new_id = new_run_id()
+        origin = codec.encode({"replay_of": run_id, "from_stage": start}).decode()
+        created, _ = await self.store.create_run(
+            NewRun(
+                run_id=new_id,
+                pipeline=p.name,
+                pipeline_version=p.version,
+                fingerprint=p.fingerprint,
+                status="running",
+                input=text,
+                root_run_id=new_id,
+                run_kind="replay",
+                replay_of=run_id,
+                stage_index=start,
+                lease_owner=self.owner,
+                lease_expires=time.time() + self.lease_ttl,
+                transitions=[
+                    NewTransition("created", payload=origin),
+                    *reused,
+                    NewTransition("started", start, p.stages[start].name, 1),
+                ],
+            )
+        )
+        assert created
+        log.info("run %s replays %s from %s", new_id, run_id, p.stages[start].name)
+        await self._continue(p, new_id)
+        if not wait:
+            return await self.get(new_id)
+        return await self.wait(new_id, timeout=timeout)
+
+    async def _continue(self, p: Pipeline, run_id: str) -> None:
+        """Start driving a run we hold the lease of, from its committed state."""
+        rows = await self.store.stage_results(run_id)
+        record = await self._record(run_id)
+        self._launch(Driver(**self._driver_args(p), state=RunState.load(p, record, rows)))
 
     # -- cancelling --------------------------------------------------------------------------
 
@@ -623,6 +752,7 @@ class Engine:
             idempotency_key=r.idempotency_key,
             fingerprint=r.fingerprint,
             cancel_requested=bool(r.cancel_requested),
+            replay_of=r.replay_of,
             created_at=_when(r.created_at),
             updated_at=_when(r.updated_at),
         )

@@ -66,6 +66,8 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: str | None
     fingerprint: str
     cancel_requested: bool
+    replay_of: str | None
+    """For a replay (`run_kind == "replay"`): the run it was forked from."""
     created_at: datetime
     updated_at: datetime
 
@@ -83,8 +85,8 @@ class Transition(msgspec.Struct, frozen=True, kw_only=True):
     stage_index: int | None
     stage_path: str | None
     event: str
-    """created, started, succeeded, skipped, retrying, failed, paused, resumed, recovered,
-    cancelled or completed."""
+    """created, started, succeeded, reused (a replay's copied result), skipped, retrying,
+    failed, paused, resumed, recovered, retried, cancelled or completed."""
     attempt: int
     payload: Any
     """For succeeded: the output; paused: the pause; resumed: the answer."""

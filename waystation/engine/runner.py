@@ -70,7 +70,7 @@ class RunState:
             i = row.stage_index
             if i is None or i >= len(pipeline.stages):
                 continue
-            if row.event == "succeeded" and row.payload is not None:
+            if row.event in ("succeeded", "reused") and row.payload is not None:
                 state.payloads[i] = row.payload
                 state.values[i] = codec.decode(row.payload, pipeline.stages[i].returns)
             elif row.event == "skipped":
@@ -78,6 +78,8 @@ class RunState:
                 state.values[i] = None
             elif row.event == "retrying":
                 state.attempts[i] = max(state.attempts.get(i, 0), row.attempt)
+            elif row.event == "retried":  # engine.retry: a fresh retry budget
+                state.attempts.pop(i, None)
             elif row.event == "resumed" and row.payload is not None:
                 state.answers.setdefault(i, []).append(row.payload)
         return state

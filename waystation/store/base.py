@@ -39,6 +39,7 @@ class RunRecord:
     lease_owner: str | None
     lease_expires: float | None
     cancel_requested: bool
+    replay_of: str | None
     created_at: float
     updated_at: float
 
@@ -119,6 +120,8 @@ class NewRun:
     idempotency_key: str | None = None
     lease_owner: str | None = None
     lease_expires: float | None = None
+    stage_index: int = 0
+    replay_of: str | None = None
     transitions: list[NewTransition] = field(default_factory=list)
 
 
@@ -170,7 +173,8 @@ class Store(Protocol):
         """The run's journal rows after `after_seq`, in order."""
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
-        """The rows a driver needs to continue a run: succeeded, skipped, retrying, resumed."""
+        """The rows a driver needs to continue a run: succeeded, reused, skipped, retrying,
+        retried and resumed."""
 
     async def active_runs(
         self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None

@@ -38,7 +38,7 @@ Durability = Literal["full", "normal"]
 _RUN_FIELDS = (
     "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
     "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
-    "lease_expires, cancel_requested, created_at, updated_at"
+    "lease_expires, cancel_requested, replay_of, created_at, updated_at"
 )
 _TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
 _INSERT_TRANSITION = (
@@ -249,14 +249,15 @@ class SQLiteStore:
             conn.execute(
                 "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
                 "stage_index, seq, input, parent_run_id, root_run_id, run_kind, depth, "
-                "idempotency_key, lease_owner, lease_expires, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "idempotency_key, lease_owner, lease_expires, replay_of, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.run_id,
                     run.pipeline,
                     run.pipeline_version,
                     run.fingerprint,
                     run.status,
+                    run.stage_index,
                     len(run.transitions),
                     run.input,
                     run.parent_run_id,
@@ -266,6 +267,7 @@ class SQLiteStore:
                     run.idempotency_key,
                     run.lease_owner,
                     run.lease_expires,
+                    run.replay_of,
                     now,
                     now,
                 ),
@@ -415,7 +417,8 @@ class SQLiteStore:
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         async with self._r.execute(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
-            "AND event IN ('succeeded', 'skipped', 'retrying', 'resumed') ORDER BY seq",
+            "AND event IN ('succeeded', 'reused', 'skipped', 'retrying', 'retried', 'resumed') "
+            "ORDER BY seq",
             (run_id,),
         ) as cur:
             rows = await cur.fetchall()

@@ -19,6 +19,7 @@ CREATE TABLE runs (
     lease_owner       TEXT,
     lease_expires     REAL,
     cancel_requested  INTEGER NOT NULL DEFAULT 0,
+    replay_of         TEXT,
     created_at        REAL NOT NULL,
     updated_at        REAL NOT NULL
 );
