@@ -5,12 +5,16 @@ run survives crashes and can pause for days and resume, by run id, at the stage 
 Everything public is importable from here; other module paths are private.
 """
 
+from .engine.children import Limits
+from .engine.compose import branch, loop, map_children
 from .engine.context import StageContext
 from .engine.engine import Engine
-from .engine.models import Pause, Run, StageError, Transition
-from .engine.pipeline import Pipeline
+from .engine.models import Failed, Pause, Run, RunTree, StageError, Transition
+from .engine.pipeline import InputField, Pipeline
 from .engine.stage import Retry, Stage, gate, stage
 from .errors import (
+    BudgetExceeded,
+    ChildFailed,
     InvalidInput,
     InvalidResumeInput,
     InvalidRunState,
@@ -25,6 +29,7 @@ from .errors import (
     StageOutputError,
     StageTimeout,
     StoreError,
+    WaitTimeout,
     WaystationError,
 )
 from .store.base import Store
@@ -33,10 +38,15 @@ from .store.sqlite import SQLiteStore
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetExceeded",
+    "ChildFailed",
     "Engine",
+    "Failed",
+    "InputField",
     "InvalidInput",
     "InvalidResumeInput",
     "InvalidRunState",
+    "Limits",
     "NotAWaystationDatabase",
     "NotPaused",
     "Pause",
@@ -48,6 +58,7 @@ __all__ = [
     "Run",
     "RunAlreadyExists",
     "RunNotFound",
+    "RunTree",
     "SQLiteStore",
     "SchemaTooNew",
     "Stage",
@@ -58,8 +69,12 @@ __all__ = [
     "Store",
     "StoreError",
     "Transition",
+    "WaitTimeout",
     "WaystationError",
     "__version__",
+    "branch",
     "gate",
+    "loop",
+    "map_children",
     "stage",
 ]

@@ -64,3 +64,17 @@ class NotAWaystationDatabase(StoreError):
 
 class StageTimeout(WaystationError, TimeoutError):
     """A stage attempt ran longer than its `timeout`."""
+
+
+class BudgetExceeded(WaystationError):
+    """A run tree went past one of its limits (depth, stage executions, children, a named
+    budget). The message names the limit, the amount and the chain of runs."""
+
+
+class ChildFailed(WaystationError):
+    """A child run failed; the message carries the chain of pipelines and stages to the
+    stage that failed, and its error."""
+
+
+class WaitTimeout(WaystationError, TimeoutError):
+    """`start`, `wait` or `resume` gave up waiting (`timeout=`); the run itself goes on."""

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar, overload
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ..store import codec
+
+if TYPE_CHECKING:
+    from .models import Pause
+    from .pipeline import Pipeline
+    from .runner import Driver
 
 T = TypeVar("T")
 
@@ -14,12 +20,21 @@ class PauseSignal(BaseException):
     """Unwinds a stage that paused. A BaseException so that `except Exception` in user code
     cannot swallow it (and retries do not treat it as a failure)."""
 
-    def __init__(self, kind: str, schema: Any, reason: str | None, number: int) -> None:
+    def __init__(
+        self,
+        kind: str,
+        schema: Any,
+        reason: str | None,
+        number: int,
+        child: Pause | None = None,
+    ) -> None:
         super().__init__(kind)
         self.kind = kind
         self.schema = schema
         self.reason = reason
         self.number = number
+        self.child = child
+        """Set when a child run paused: its pause, which the parent shows as its own."""
 
 
 class StageContext:
@@ -32,6 +47,8 @@ class StageContext:
 
     __slots__ = (
         "_answers",
+        "_calls",
+        "_driver",
         "_pauses",
         "attempt",
         "input",
@@ -53,6 +70,7 @@ class StageContext:
         input: Any,
         results: Mapping[str, Any],
         answers: list[str],
+        driver: Driver | None = None,
     ) -> None:
         self.run_id = run_id
         self.pipeline = pipeline
@@ -63,6 +81,8 @@ class StageContext:
         self.results = results
         self._answers = answers
         self._pauses = 0
+        self._calls = 0
+        self._driver = driver
 
     @property
     def idempotency_key(self) -> str:
@@ -84,8 +104,55 @@ class StageContext:
         the pause in a `gate` stage of its own. A stage may pause several times; on each
         re-entry the earlier answers are returned in order, and each is applied once.
         """
+        if not isinstance(kind, str) or not kind:
+            raise TypeError(f"ctx.pause: kind must be a non-empty string, not {kind!r}")
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError(f"ctx.pause: reason must be a string, not {reason!r}")
         number = self._pauses
         self._pauses += 1
         if number < len(self._answers):
             return codec.decode(self._answers[number], schema)
         raise PauseSignal(kind, schema, reason, number)
+
+    # -- children ----------------------------------------------------------------------------
+
+    async def run_child(self, pipeline: Pipeline, input: Any = None) -> Any:
+        """Run `pipeline` as a child run of this one and return its output.
+
+        The child is keyed by (this run, this stage, the call's order in the stage): when
+        the stage runs again (after a crash, a resume or a pause), the same call finds the
+        finished child and returns its output without launching it again. A child that
+        fails raises `ws.ChildFailed`; a child that pauses pauses this run too.
+        """
+        return await self._run_child_call(pipeline, input, self._next_call(), kind="child")
+
+    async def spend(self, budget: str, amount: float) -> float:
+        """Spend `amount` of the named budget of this run tree (e.g. "tokens"); returns the
+        total spent so far. Raises `ws.BudgetExceeded` past the limit set on the engine or
+        pipeline (`budgets={"tokens": 200_000}`). Spending is at-least-once: a stage that
+        runs again after a crash spends again."""
+        return await self._require_driver().children.spend(self._require_driver(), budget, amount)
+
+    @property
+    def workspace(self) -> Path:
+        """A directory of this run's own under the engine's `workspace_root` (a child's
+        lies beneath its parent's), created on first use."""
+        return self._require_driver().children.workspace(self._require_driver())
+
+    def _next_call(self) -> int:
+        call = self._calls
+        self._calls += 1
+        return call
+
+    async def _run_child_call(self, pipeline: Pipeline, input: Any, call: int, kind: str) -> Any:
+        driver = self._require_driver()
+        return await driver.children.run(driver, self, pipeline, input, call, kind)
+
+    async def _cancel_calls(self, calls: list[int]) -> None:
+        driver = self._require_driver()
+        await driver.children.cancel_calls(driver, self, calls)
+
+    def _require_driver(self) -> Driver:
+        if self._driver is None:
+            raise RuntimeError("this StageContext is not attached to a running engine")
+        return self._driver

@@ -12,10 +12,11 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Generator, Iterable, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import msgspec
@@ -31,12 +32,23 @@ from ..errors import (
     PipelineNotRegistered,
     RunAlreadyExists,
     RunNotFound,
+    WaitTimeout,
     WaystationError,
 )
 from ..store import codec
-from ..store.base import SETTLED, TERMINAL, Guard, NewRun, NewTransition, RunRecord, Store
+from ..store.base import (
+    ALL_STATUSES,
+    SETTLED,
+    TERMINAL,
+    Guard,
+    NewRun,
+    NewTransition,
+    RunRecord,
+    Store,
+)
 from ..store.sqlite import Durability, SQLiteStore
-from .models import Pause, Run, StageError, Transition
+from .children import ChildRunner, Limits
+from .models import Pause, Run, RunTree, StageError, Transition
 from .pipeline import Pipeline
 from .runner import Driver, RunState
 
@@ -87,6 +99,10 @@ class Engine:
         lease_ttl: float = 30.0,
         recover: bool = True,
         poll_interval: float = 1.0,
+        limits: Limits | None = None,
+        budgets: Mapping[str, float] | None = None,
+        workspace_root: str | os.PathLike[str] | None = None,
+        workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
     ) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
@@ -100,8 +116,17 @@ class Engine:
         for p in pipelines:
             self.register(p)
         self._limiter = anyio.CapacityLimiter(max_concurrent_runs)
+        self.limits = limits or Limits()
+        self.budgets: dict[str, float] = dict(budgets or {})
+        if workspace_root is None:
+            base = getattr(store, "path", None)
+            workspace_root = f"{base}.workspaces" if base else "waystation-workspaces"
+        self.workspace_root = Path(workspace_root).absolute()
+        self.workspace_policy = workspace_policy
+        self.children = ChildRunner(self)
         self._active: dict[str, Driver] = {}
         self._stranded: set[str] = set()
+        self._unloadable: set[str] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
         self._service: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
@@ -121,6 +146,10 @@ class Engine:
         lease_ttl: float = 30.0,
         recover: bool = True,
         poll_interval: float = 1.0,
+        limits: Limits | None = None,
+        budgets: Mapping[str, float] | None = None,
+        workspace_root: str | os.PathLike[str] | None = None,
+        workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
     ) -> Engine:
         """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
 
@@ -131,6 +160,10 @@ class Engine:
         every `poll_interval` seconds it takes over runs that are runnable and unowned
         (their owner died, their lease expired, or they were resumed by a process that
         does not have their pipeline). Read-only tools pass `recover=False`.
+        `limits` bound trees of child runs (depth, stage executions, children per stage),
+        `budgets` the named budgets stages spend (`ctx.spend`). Each run may use a directory
+        under `workspace_root` (`ctx.workspace`); with "remove_on_success" a root run's
+        directory (its children's included) is removed when it succeeds, kept otherwise.
         """
         store: Store
         if isinstance(path, str | os.PathLike):
@@ -144,6 +177,10 @@ class Engine:
             lease_ttl=lease_ttl,
             recover=recover,
             poll_interval=poll_interval,
+            limits=limits,
+            budgets=budgets,
+            workspace_root=workspace_root,
+            workspace_policy=workspace_policy,
         )
 
     def __await__(self) -> Generator[Any, None, Engine]:
@@ -219,6 +256,21 @@ class Engine:
             )
         self._pipelines[key] = pipeline
         self._latest[pipeline.name] = pipeline
+        for child in pipeline.children():
+            self._ensure_registered(child)
+
+    def _ensure_registered(self, pipeline: Pipeline) -> Pipeline:
+        """Register a child pipeline on first use (a child run must be recoverable here)."""
+        found = self._pipelines.get((pipeline.name, pipeline.version))
+        if found is None:
+            self.register(pipeline)
+            return pipeline
+        if found.fingerprint != pipeline.fingerprint:
+            raise PipelineDefinitionError(
+                f"two different pipelines are named {pipeline.name!r} version "
+                f"{pipeline.version!r}; give one another name or version"
+            )
+        return found
 
     @property
     def pipelines(self) -> list[Pipeline]:
@@ -343,7 +395,11 @@ class Engine:
             "lease_ttl": self.lease_ttl,
             "limiter": self._limiter,
             "pipeline": pipeline,
+            "children": self.children,
         }
+
+    def _launch_new(self, pipeline: Pipeline, state: RunState) -> None:
+        self._launch(Driver(**self._driver_args(pipeline), state=state))
 
     def _launch(self, driver: Driver) -> None:
         assert self._task_group is not None
@@ -358,24 +414,40 @@ class Engine:
                 del self._active[driver.run_id]
             if driver.stranded:
                 self._stranded.add(driver.run_id)
+            if driver.unloadable:
+                self._unloadable.add(driver.run_id)
+            state = driver.state
+            if state.depth == 0 and driver.outcome in ("succeeded", "failed", "cancelled"):
+                self.children.forget(state.run_id)
+                if driver.outcome == "succeeded" and self.workspace_policy == "remove_on_success":
+                    await anyio.to_thread.run_sync(self.children.clean_workspace, state.run_id)
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run pauses, succeeds, fails or is cancelled; returns it then.
 
         Runs driven by this engine are awaited directly; a run driven elsewhere is polled.
         """
-        with anyio.fail_after(timeout):
-            delay = 0.01
-            while True:
-                driver = self._active.get(run_id)
-                if driver is not None:
-                    await driver.done.wait()
-                record = await self._record(run_id)
-                if record.status in SETTLED:
-                    return self._to_run(record)
-                if run_id not in self._active:
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+        try:
+            with anyio.fail_after(timeout):
+                return await self._wait(run_id)
+        except TimeoutError:
+            raise WaitTimeout(
+                f"run {run_id} did not pause or finish within {timeout}s; it goes on "
+                "(wait again, or look at it with get)"
+            ) from None
+
+    async def _wait(self, run_id: str) -> Run:
+        delay = 0.01
+        while True:
+            driver = self._active.get(run_id)
+            if driver is not None:
+                await driver.done.wait()
+            record = await self._record(run_id)
+            if record.status in SETTLED:
+                return self._to_run(record)
+            if run_id not in self._active:
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.5)
 
     # -- pausing -----------------------------------------------------------------------------
 
@@ -402,15 +474,29 @@ class Engine:
         if record.status != "paused" or record.pause is None:
             raise NotPaused(f"run {run_id} is {record.status}, not paused; nothing to resume")
         pause = msgspec.json.decode(record.pause, type=Pause)
+        # A parent waiting on a child shows the child's pause: answer the run that waits.
+        while pause.run_id is not None and pause.run_id != record.run_id:
+            deeper = await self.store.get_run(pause.run_id)
+            if deeper is None or deeper.status != "paused" or deeper.pause is None:
+                raise NotPaused(
+                    f"run {run_id} waits on run {pause.run_id}, which is no longer paused; "
+                    "it continues when that run finishes"
+                )
+            record = deeper
+            pause = msgspec.json.decode(deeper.pause, type=Pause)
         if pause_id is not None and pause_id != pause.pause_id:
             raise NotPaused(f"run {run_id} has no open pause {pause_id!r} (open: {pause.pause_id})")
         try:
             p: Pipeline | None = self._pipeline_of(record)
         except PipelineNotRegistered:
             p = None
-        answer = self._check_answer(run_id, p, pause, value)
+        answer = self._check_answer(record.run_id, p, pause, value)
+        if p is not None:
+            await self._check_loadable(p, record)
         if p is None:
-            return await self._record_answer(record, pause, answer)
+            answered = await self._record_answer(record, pause, answer)
+            await self._wake_ancestors(record)
+            return answered if answered.run_id == run_id else await self.get(run_id)
         i = pause.stage_index
         stages = p.stages
         # A gate's answer is its output: stored once, in its `succeeded` row.
@@ -434,16 +520,61 @@ class Engine:
                     status="succeeded", output=answer, lease_owner=None, lease_expires=None
                 )
         seq = await self.store.update_run(
-            run_id, Guard(("paused",), seq=record.seq), transitions, values
+            record.run_id, Guard(("paused",), seq=record.seq), transitions, values
         )
         if seq is None:
             raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
-        log.info("run %s resumed at %s", run_id, pause.stage_name)
+        log.info("run %s resumed at %s", record.run_id, pause.stage_name)
         if values["status"] == "running":
-            await self._continue(p, run_id)
+            await self._continue(p, record.run_id)
+        await self._wake_ancestors(record)
         if not wait:
             return self._to_run(await self._record(run_id))
         return await self.wait(run_id, timeout=timeout)
+
+    async def _check_loadable(self, p: Pipeline, record: RunRecord) -> None:
+        """Refuse, before writing anything, to continue a run whose stored input or outputs
+        no longer decode under the registered pipeline (a type changed shape)."""
+        rows = await self.store.stage_results(record.run_id)
+        try:
+            RunState.load(p, record, rows)
+        except (WaystationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise PipelineChanged(
+                f"run {record.run_id}: its stored input or stage outputs no longer fit "
+                f"pipeline {p.name!r} version {p.version!r} ({exc}); register the version "
+                "it started with, or give the changed pipeline a new version"
+            ) from exc
+
+    async def _wake_ancestors(self, child: RunRecord) -> None:
+        """Continue the ancestors that were paused because `child` was: each re-enters the
+        stage that launched its child, finds it by key, and waits for it again."""
+        parent_id = child.parent_run_id
+        while parent_id is not None:
+            parent = await self.store.get_run(parent_id)
+            if parent is None or parent.status != "paused" or parent.pause is None:
+                return
+            pause = msgspec.json.decode(parent.pause, type=Pause)
+            if pause.run_id != child.run_id:
+                return
+            try:
+                p: Pipeline | None = self._pipeline_of(parent)
+            except PipelineNotRegistered:
+                p = None
+            values: dict[str, Any] = {"status": "pending", "pause": None}
+            if p is not None:
+                values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
+                values["status"] = "running"
+            seq = await self.store.update_run(
+                parent_id,
+                Guard(("paused",), seq=parent.seq),
+                [NewTransition("resumed", parent.stage_index, pause.stage_name)],
+                values,
+            )
+            if seq is None:
+                return
+            if p is not None:
+                await self._continue(p, parent_id)
+            parent_id = parent.parent_run_id
 
     async def _record_answer(self, record: RunRecord, pause: Pause, answer: str) -> Run:
         """Resume without the pipeline: commit the answer and leave the run `pending`, for a
@@ -500,6 +631,7 @@ class Engine:
                 f"run {run_id} is {record.status}; only failed or cancelled runs can be retried"
             )
         p = self._pipeline_of(record)
+        await self._check_loadable(p, record)
         i = record.stage_index
         name = p.stages[i].name if i < len(p.stages) else None
         seq = await self.store.update_run(
@@ -619,12 +751,24 @@ class Engine:
     # -- cancelling --------------------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> Run:
-        """Cancel a run that has not finished.
+        """Cancel a run that has not finished, and its unfinished descendants.
 
         A paused or pending run is cancelled at once. A run driven here is interrupted in
         its current stage. A run driven by another engine is marked; that engine cancels it
         at its next commit (the returned run then still says `running`, `cancel_requested`).
         """
+        run = await self._cancel_one(run_id)
+        tree = await self.store.tree(run.root_run_id)
+        below = {run_id}
+        for record in tree:  # ordered by depth: parents before their children
+            if record.parent_run_id in below:
+                below.add(record.run_id)
+                if record.status not in TERMINAL:
+                    with contextlib.suppress(InvalidRunState):
+                        await self._cancel_one(record.run_id)
+        return await self.get(run_id) if len(below) > 1 else run
+
+    async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
         driver = self._active.get(run_id)
         if driver is not None:
@@ -643,7 +787,7 @@ class Engine:
                 {"status": "cancelled", "pause": None},
             )
             if seq is None:
-                return await self.cancel(run_id)  # it moved on meanwhile: look again
+                return await self._cancel_one(run_id)  # it moved on meanwhile: look again
         else:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
@@ -675,6 +819,10 @@ class Engine:
         limit: int = 100,
     ) -> builtins.list[Run]:
         """Runs in creation order, filtered; page with `after=<last run_id>`."""
+        if status is not None and status not in ALL_STATUSES:
+            raise InvalidInput(
+                f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
+            )
         records = await self.store.list_runs(
             status=status,
             pipeline=pipeline,
@@ -696,6 +844,20 @@ class Engine:
             if len(batch) < page:
                 return
             after = batch[-1].run_id
+
+    async def tree(self, run_id: str) -> RunTree:
+        """The run and all its descendants, nested."""
+        record = await self._record(run_id)
+        children: dict[str | None, builtins.list[RunRecord]] = {}
+        for r in await self.store.tree(record.root_run_id):
+            children.setdefault(r.parent_run_id, []).append(r)
+
+        def build(r: RunRecord) -> RunTree:
+            return RunTree(
+                run=self._to_run(r), children=[build(c) for c in children.get(r.run_id, [])]
+            )
+
+        return build(record)
 
     async def history(self, run_id: str) -> builtins.list[Transition]:
         """The run's transition journal, oldest first."""
@@ -815,6 +977,8 @@ class Engine:
                 claimed += 1
 
     def _abandoned(self, record: RunRecord, now: float) -> bool:
+        if record.run_id in self._unloadable:
+            return False
         if record.lease_owner is None or record.lease_expires is None:
             return True
         if record.lease_owner == self.owner:

@@ -29,6 +29,9 @@ class Pause(msgspec.Struct, frozen=True, kw_only=True):
     schema_ref: str | None = None
     """`module:qualname` of the schema type, when it is an importable class."""
     created_at: float = 0.0
+    run_id: str | None = None
+    """The run that waits for the answer: this run, or for a parent waiting on a child,
+    the deepest paused descendant (resuming either answers it)."""
 
 
 class StageError(msgspec.Struct, frozen=True, kw_only=True):
@@ -75,6 +78,22 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     def done(self) -> bool:
         """True once the run succeeded, failed or was cancelled."""
         return self.status in ("succeeded", "failed", "cancelled")
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed", tag_field="outcome"):
+    """The output of a `continue_on_error` stage that failed; later stages may bind it
+    (`fallback(primary: ws.Failed | Report)`) and choose what to do."""
+
+    stage: str
+    type: str
+    message: str
+
+
+class RunTree(msgspec.Struct, frozen=True, kw_only=True):
+    """A run and its child runs, recursively (`engine.tree`)."""
+
+    run: Run
+    children: list[RunTree]
 
 
 class Transition(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,15 +10,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..errors import InvalidInput, PipelineDefinitionError
 from ..store import codec
-from .stage import EMPTY, Param, Stage
+from .stage import EMPTY, Param, Retry, Stage
+
+if TYPE_CHECKING:
+    from .children import Limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,23 +62,32 @@ class Pipeline:
     def __init__(
         self,
         name: str,
-        stages: Sequence[Stage],
+        stages: Sequence[Stage | Pipeline],
         *,
         version: str = "1",
         input: type | None = None,
+        limits: Limits | None = None,
+        budgets: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
             raise PipelineDefinitionError(f"pipeline name {name!r} must be printable, 1-200 chars")
         self.name = name
         self.version = str(version)
-        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.limits = limits
+        """Overrides the engine's tree limits for children launched by this pipeline."""
+        self.budgets: dict[str, float] = dict(budgets or {})
+        """Limits of named budgets (`ctx.spend`) for trees run under this pipeline."""
+        self.stages: tuple[Stage, ...] = tuple(
+            s.as_stage() if isinstance(s, Pipeline) else s for s in stages
+        )
         self.input_type = input
         if not self.stages:
             raise PipelineDefinitionError(f"pipeline {name!r} has no stages")
         for s in self.stages:
             if not isinstance(s, Stage):
                 raise PipelineDefinitionError(
-                    f"pipeline {name!r}: {s!r} is not a stage; decorate it with @ws.stage"
+                    f"pipeline {name!r}: {s!r} is not a stage; decorate it with @ws.stage "
+                    "(or pass a Pipeline, which runs as a child)"
                 )
         self.index: dict[str, int] = {}
         for i, s in enumerate(self.stages):
@@ -102,6 +114,7 @@ class Pipeline:
             ],
             kw_only=True,
         )
+        self._check_cycles([])
         self.fingerprint = self._fingerprint()
 
     # -- building ----------------------------------------------------------------------------
@@ -191,12 +204,64 @@ class Pipeline:
                 )
         return tuple(out)
 
+    def children(self) -> list[Pipeline]:
+        """The pipelines this one runs as children through its stages (not recursively)."""
+        out: list[Pipeline] = []
+        for s in self.stages:
+            if s.compose is not None:
+                out.extend(s.compose.pipelines.values())
+        return out
+
+    def _check_cycles(self, path: list[str]) -> None:
+        if self.name in path:
+            cycle = " > ".join([*path[path.index(self.name) :], self.name])
+            raise PipelineDefinitionError(
+                f"pipeline {self.name!r} includes itself: {cycle}; use ctx.run_child for "
+                "bounded recursion instead"
+            )
+        for child in self.children():
+            child._check_cycles([*path, self.name])
+
+    def as_stage(
+        self,
+        name: str | None = None,
+        *,
+        inputs: Mapping[str, str] | None = None,
+        outputs: Mapping[str, str] | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        when: Callable[..., Any] | None = None,
+        continue_on_error: bool = False,
+    ) -> Stage:
+        """This pipeline as a stage of another: it runs as a child run.
+
+        `inputs` maps the child's input fields to dotted paths into the parent's input and
+        earlier outputs (`{"doc": "load.documents.0"}`); fields not mapped bind by name.
+        `outputs` maps names to dotted paths into the child's stage outputs
+        (`{"accuracy": "score.metrics.accuracy"}`), and the stage's output is that mapping;
+        without it, the stage's output is the child's output.
+        """
+        from .compose import child_stage
+
+        return child_stage(
+            self,
+            name,
+            inputs=inputs,
+            outputs=outputs,
+            retry=retry,
+            timeout=timeout,
+            when=when,
+            continue_on_error=continue_on_error,
+        )
+
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(f"{self.name}\0{_type_name(self.input_type)}\0".encode())
         for s in self.stages:
             params = ",".join(f"{p.name}:{_type_name(p.annotation)}" for p in s.params)
             h.update(f"{s.kind}:{s.name}({params})->{_type_name(s.returns)}\0".encode())
+            for child in s.compose.pipelines.values() if s.compose is not None else ():
+                h.update(f"[{child.name}:{child.version}:{child.fingerprint}]".encode())
         return h.hexdigest()[:16]
 
     # -- use ---------------------------------------------------------------------------------
@@ -251,8 +316,15 @@ def _identifier(name: str) -> str:
 
 
 def _type_name(tp: Any) -> str:
+    """A type's name and, where msgspec can describe it, its shape (JSON Schema), so that a
+    Struct gaining a required field changes the fingerprint even if its name does not."""
     if tp is None:
         return "None"
-    if isinstance(tp, type):
-        return f"{tp.__module__}.{tp.__qualname__}"
-    return repr(tp)
+    name = f"{tp.__module__}.{tp.__qualname__}" if isinstance(tp, type) else repr(tp)
+    if tp is Any:
+        return name
+    try:
+        shape = codec.encode(codec.json_schema(tp)).decode()
+    except (TypeError, ValueError):
+        return name
+    return f"{name}={shape}"

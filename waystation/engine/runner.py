@@ -7,13 +7,18 @@ expired and claimed elsewhere) or someone asked to cancel it, and we stop withou
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import math
 import time
 import traceback
+import typing
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -22,10 +27,14 @@ import tenacity
 from ..errors import StageOutputError, StageTimeout, WaystationError
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
+from .compose import run_composite
 from .context import PauseSignal, StageContext
-from .models import Pause, StageError
+from .models import Failed, Pause, StageError
 from .pipeline import Binding, Pipeline
 from .stage import Stage
+
+if TYPE_CHECKING:
+    from .children import ChildRunner
 
 log = logging.getLogger("waystation")
 
@@ -53,12 +62,29 @@ class RunState:
     """Resume answers per stage, in the order given (for `ctx.pause`)."""
     attempts: dict[int, int] = field(default_factory=dict)
     """Failed attempts so far per stage (from the journal's retrying rows)."""
+    generations: dict[int, int] = field(default_factory=dict)
+    """How often `engine.retry` restarted each stage (part of its children's keys)."""
+    root_run_id: str = ""
+    depth: int = 0
+    chain: str = ""
+    """Pipelines and stages from the root to this run, for error messages."""
+    lineage: tuple[str, ...] = ()
+    """Run ids of this run's ancestors, root first."""
 
     @classmethod
     def fresh(cls, pipeline: Pipeline, run_id: str, typed_input: Any) -> RunState:
         """State for a run that has not run any stage yet."""
         n = len(pipeline.stages)
-        return cls(run_id, typed_input, _fields(pipeline, typed_input), 0, [None] * n, [None] * n)
+        return cls(
+            run_id,
+            typed_input,
+            _fields(pipeline, typed_input),
+            0,
+            [None] * n,
+            [None] * n,
+            root_run_id=run_id,
+            chain=pipeline.name,
+        )
 
     @classmethod
     def load(cls, pipeline: Pipeline, record: RunRecord, rows: list[TransitionRecord]) -> RunState:
@@ -66,7 +92,15 @@ class RunState:
         _, typed = pipeline.decode_input(record.input or "{}")
         state = cls.fresh(pipeline, record.run_id, typed)
         state.stage_index = record.stage_index
+        state.root_run_id = record.root_run_id
+        state.depth = record.depth
         for row in rows:
+            if row.event == "created" and row.payload is not None:
+                origin = codec.decode_any(row.payload)
+                if isinstance(origin, dict) and "chain" in origin:
+                    state.chain = origin["chain"]
+                    state.lineage = tuple(origin.get("lineage", ()))
+                continue
             i = row.stage_index
             if i is None or i >= len(pipeline.stages):
                 continue
@@ -80,6 +114,13 @@ class RunState:
                 state.attempts[i] = max(state.attempts.get(i, 0), row.attempt)
             elif row.event == "retried":  # engine.retry: a fresh retry budget
                 state.attempts.pop(i, None)
+                state.generations[i] = state.generations.get(i, 0) + 1
+            elif row.event == "failed" and row.error is not None and i < record.stage_index:
+                # A continue_on_error stage: its output is the failure.
+                err = msgspec.json.decode(row.error, type=StageError)
+                failed = Failed(stage=pipeline.stages[i].name, type=err.type, message=err.message)
+                state.values[i] = failed
+                state.payloads[i] = codec.encode(failed).decode()
             elif row.event == "resumed" and row.payload is not None:
                 state.answers.setdefault(i, []).append(row.payload)
         return state
@@ -116,7 +157,7 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     JSON gives, so a stage sees the same thing whether or not the process restarted since.
     """
     expected = stage.returns
-    if isinstance(expected, type) and expected is not Any:
+    if isinstance(expected, type) and expected is not Any and not typing.is_typeddict(expected):
         ok = isinstance(out, expected) or (expected is float and type(out) is int)
         if not ok:
             raise StageOutputError(
@@ -159,6 +200,7 @@ class Driver:
         limiter: anyio.CapacityLimiter,
         pipeline: Pipeline,
         state: RunState,
+        children: ChildRunner,
         claim: RunRecord | None = None,
     ) -> None:
         self.store = store
@@ -167,12 +209,18 @@ class Driver:
         self.limiter = limiter
         self.pipeline = pipeline
         self.state = state
+        self.children = children
         self.claim = claim
         """When set, the run is recovered: take its lease (guarded on this row) first."""
+        self.outcome: str | None = None
+        """The status the run settled in here (succeeded, failed, paused, cancelled)."""
+        self._waits = 0
         self.guard = Guard(("running",), owner=owner, not_cancel_requested=True)
         self.scope = anyio.CancelScope()
         self.cancel_requested = False
         self.stranded = False
+        self.unloadable = False
+        """Set when a recovered run's stored values do not decode: leave it alone."""
         """Set when the run stopped unsettled (a failed commit): the engine retries it later."""
         self.done = anyio.Event()
 
@@ -186,10 +234,14 @@ class Driver:
         try:
             with self.scope:
                 try:
-                    async with self.limiter:
+                    await self.limiter.acquire_on_behalf_of(self)
+                    try:
                         if self.claim is not None and not await self._claim(self.claim):
                             return
                         await self._steps()
+                    finally:
+                        if self._waits == 0:
+                            self.limiter.release_on_behalf_of(self)
                 except anyio.get_cancelled_exc_class():
                     if self.cancel_requested:
                         with anyio.CancelScope(shield=True):
@@ -209,6 +261,21 @@ class Driver:
             log.exception("run %s stopped by an internal error; it will be retried", self.run_id)
         finally:
             self.done.set()
+
+    @contextlib.asynccontextmanager
+    async def slot_released(self) -> AsyncIterator[None]:
+        """Give back this run's concurrency slot while it waits for children, so that a
+        tree deeper than the limit cannot deadlock waiting for slots its children need."""
+        self._waits += 1
+        if self._waits == 1:
+            self.limiter.release_on_behalf_of(self)
+        try:
+            yield
+        finally:
+            self._waits -= 1
+            if self._waits == 0:
+                with anyio.CancelScope(shield=True):
+                    await self.limiter.acquire_on_behalf_of(self)
 
     async def _steps(self) -> None:
         stages = self.pipeline.stages
@@ -233,14 +300,26 @@ class Driver:
                     i += 1
                     continue
                 value, payload = await self._execute(stage, i)
+            except asyncio.CancelledError as exc:
+                # Real cancellation (ours or the engine's) propagates; a CancelledError the
+                # stage raised by itself (awaiting a cancelled task, say) is its failure.
+                task = asyncio.current_task()
+                if self.scope.cancel_called or (task is not None and task.cancelling()):
+                    raise
+                await self._fail(i, stage, exc)
+                return
             except PauseSignal as sig:
                 await self._pause(i, stage, sig, self._attempt_of(i), gate=False)
                 return
             except _Lost:
                 raise
             except Exception as exc:
-                await self._fail(i, stage, exc)
-                return
+                if not stage.continue_on_error:
+                    await self._fail(i, stage, exc)
+                    return
+                await self._fail_and_continue(i, stage, exc)
+                i += 1
+                continue
             await self._advance(i, value, payload, "succeeded")
             i += 1
 
@@ -257,7 +336,7 @@ class Driver:
         policy = stage.retry
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(remaining),
-            wait=policy.wait_strategy(),
+            wait=policy.wait_strategy(first),
             retry=(
                 tenacity.retry_if_exception_type(policy.retry_on)
                 & tenacity.retry_if_not_exception_type(StageOutputError)
@@ -305,16 +384,22 @@ class Driver:
         self.state.attempts[i] = attempt
 
     async def _attempt(self, stage: Stage, i: int, attempt: int) -> tuple[Any, str]:
+        if self.state.depth or self.state.root_run_id in self.children.tree_stages:
+            await self.children.count_stage(self)
         kwargs = self._kwargs(self.pipeline.bindings[i])
-        if stage.context_param is not None:
-            kwargs[stage.context_param] = self._context(stage, i, attempt)
-        fn = stage.fn
-        assert fn is not None
+        if stage.kind == "child":
+            call: Any = functools.partial(
+                run_composite, stage, kwargs, self._context(stage, i, attempt)
+            )
+        else:
+            if stage.context_param is not None:
+                kwargs[stage.context_param] = self._context(stage, i, attempt)
+            call = functools.partial(self._call, stage, stage.fn, kwargs)
         if stage.timeout is None:
-            out = await self._call(stage, fn, kwargs)
+            out = await call()
         else:
             with anyio.move_on_after(stage.timeout) as scope:
-                out = await self._call(stage, fn, kwargs)
+                out = await call()
             if scope.cancelled_caught:
                 raise StageTimeout(
                     f"stage {stage.name!r} timed out after {stage.timeout}s (attempt {attempt})"
@@ -325,9 +410,12 @@ class Driver:
     async def _call(stage: Stage, fn: Any, kwargs: dict[str, Any]) -> Any:
         if stage.is_async:
             return await fn(**kwargs)
-        return await anyio.to_thread.run_sync(
+        out = await anyio.to_thread.run_sync(
             functools.partial(fn, **kwargs), abandon_on_cancel=True
         )
+        if inspect.isawaitable(out):  # an async function behind a plain sync decorator
+            out = await out
+        return out
 
     def _context(self, stage: Stage, i: int, attempt: int) -> StageContext:
         names = self.pipeline.stages
@@ -340,6 +428,7 @@ class Driver:
             input=self.state.input,
             results={names[j].name: self.state.values[j] for j in range(i)},
             answers=self.state.answers.get(i, []),
+            driver=self,
         )
 
     def _kwargs(self, bindings: tuple[Binding, ...]) -> dict[str, Any]:
@@ -350,6 +439,8 @@ class Driver:
                 value = state.input_fields[b.key]
                 if b.convert is not None:
                     value = msgspec.convert(msgspec.to_builtins(value), b.convert)
+            elif isinstance(state.values[b.from_stage], Failed):
+                value = state.values[b.from_stage]
             elif b.convert is not None and state.payloads[b.from_stage] is not None:
                 value = codec.decode(state.payloads[b.from_stage] or "null", b.convert)
             else:
@@ -373,10 +464,14 @@ class Driver:
         if seq is None:
             raise _Lost()
 
-    async def _advance(self, i: int, value: Any, payload: str | None, event: str) -> None:
+    async def _advance(
+        self, i: int, value: Any, payload: str | None, event: str | NewTransition
+    ) -> None:
         stages = self.pipeline.stages
-        attempt = self._attempt_of(i)
-        done = NewTransition(event, i, stages[i].name, attempt, payload=payload)
+        if isinstance(event, NewTransition):
+            done = event
+        else:
+            done = NewTransition(event, i, stages[i].name, self._attempt_of(i), payload=payload)
         if i + 1 < len(stages):
             await self._commit(
                 [done, NewTransition("started", i + 1, stages[i + 1].name, 1)],
@@ -393,6 +488,7 @@ class Driver:
                     "lease_expires": None,
                 },
             )
+            self.outcome = "succeeded"
         self.state.values[i] = value
         self.state.payloads[i] = payload
         self.state.stage_index = i + 1
@@ -400,6 +496,10 @@ class Driver:
     async def _pause(
         self, i: int, stage: Stage, sig: PauseSignal, attempt: int, *, gate: bool
     ) -> None:
+        if sig.child is not None:  # a child paused: show its pause as ours
+            pause = msgspec.structs.replace(sig.child, stage_index=i, stage_name=stage.name)
+            await self._commit_pause(i, stage, pause, attempt)
+            return
         try:
             schema = codec.json_schema(sig.schema)
         except TypeError as exc:
@@ -422,13 +522,18 @@ class Driver:
             number=sig.number,
             schema_ref=codec.type_ref(sig.schema),
             created_at=time.time(),
+            run_id=self.run_id,
         )
+        await self._commit_pause(i, stage, pause, attempt)
+
+    async def _commit_pause(self, i: int, stage: Stage, pause: Pause, attempt: int) -> None:
         payload = codec.encode(pause).decode()
         await self._commit(
             [NewTransition("paused", i, stage.name, attempt, payload=payload)],
             {"status": "paused", "pause": payload, "lease_owner": None, "lease_expires": None},
         )
-        log.info("run %s paused at %s (%s)", self.run_id, stage.name, sig.kind)
+        self.outcome = "paused"
+        log.info("run %s paused at %s (%s)", self.run_id, stage.name, pause.kind)
 
     async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
         err = codec.encode(error_info(exc, stage, i)).decode()
@@ -436,7 +541,17 @@ class Driver:
             [NewTransition("failed", i, stage.name, self._attempt_of(i), error=err)],
             {"status": "failed", "error": err, "lease_owner": None, "lease_expires": None},
         )
+        self.outcome = "failed"
         log.warning("run %s failed at %s: %s: %s", self.run_id, stage.name, type(exc).__name__, exc)
+
+    async def _fail_and_continue(self, i: int, stage: Stage, exc: BaseException) -> None:
+        info = error_info(exc, stage, i)
+        failed = Failed(stage=stage.name, type=info.type, message=info.message)
+        event = NewTransition(
+            "failed", i, stage.name, self._attempt_of(i), error=codec.encode(info).decode()
+        )
+        await self._advance(i, failed, codec.encode(failed).decode(), event)
+        log.warning("run %s: stage %s failed, continuing: %s", self.run_id, stage.name, exc)
 
     async def _cancelled(self, i: int, stage: Stage | None) -> None:
         seq = await self.store.update_run(
@@ -446,6 +561,7 @@ class Driver:
             {"status": "cancelled", "lease_owner": None, "lease_expires": None},
         )
         if seq is not None:
+            self.outcome = "cancelled"
             log.info("run %s cancelled", self.run_id)
 
     async def _on_lost(self) -> None:
@@ -475,6 +591,19 @@ class Driver:
                 {"status": "cancelled", "lease_owner": None, "lease_expires": None},
             )
             return False
+        rows = await self.store.stage_results(self.run_id)
+        try:
+            state = RunState.load(self.pipeline, record, rows)
+        except (WaystationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self.unloadable = True
+            log.error(
+                "run %s not recovered: its stored values no longer fit pipeline %r (%s); "
+                "register the version it started with",
+                self.run_id,
+                self.pipeline.name,
+                exc,
+            )
+            return False
         seq = await self.store.update_run(
             self.run_id,
             Guard(("running", "pending"), seq=record.seq),
@@ -494,7 +623,6 @@ class Driver:
         )
         if seq is None:
             return False
-        rows = await self.store.stage_results(self.run_id)
-        self.state = RunState.load(self.pipeline, record, rows)
+        self.state = state
         log.info("run %s recovered at stage %s", self.run_id, name)
         return True

@@ -63,17 +63,39 @@ class Retry:
         if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
             raise PipelineDefinitionError("Retry: waits must not be negative")
 
-    def wait_strategy(self) -> tenacity.wait.wait_base:
-        """The tenacity wait strategy this policy describes."""
-        wait: tenacity.wait.wait_base = tenacity.wait_exponential(
-            multiplier=self.backoff, exp_base=self.multiplier, max=self.max_backoff
+    def wait_strategy(self, first_attempt: int = 1) -> tenacity.wait.wait_base:
+        """The tenacity wait strategy this policy describes, for a retry loop whose first
+        attempt is attempt number `first_attempt` of the stage (a run recovered after a
+        crash continues the schedule where it was, rather than starting it over)."""
+        wait: tenacity.wait.wait_base = _OffsetWait(
+            tenacity.wait_exponential(
+                multiplier=self.backoff, exp_base=self.multiplier, max=self.max_backoff
+            ),
+            first_attempt - 1,
         )
         if self.jitter:
             wait = wait + tenacity.wait_random(0, self.jitter)
         return wait
 
 
-StageKind = Literal["stage", "gate"]
+class _OffsetWait(tenacity.wait.wait_base):
+    """Shifts the attempt number a wait strategy sees by `offset`."""
+
+    def __init__(self, inner: tenacity.wait.wait_base, offset: int) -> None:
+        self.inner = inner
+        self.offset = offset
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        if not self.offset:
+            return self.inner(retry_state)
+        retry_state.attempt_number += self.offset
+        try:
+            return self.inner(retry_state)
+        finally:
+            retry_state.attempt_number -= self.offset
+
+
+StageKind = Literal["stage", "gate", "child"]
 
 
 class Stage:
@@ -85,7 +107,9 @@ class Stage:
     """
 
     __slots__ = (
+        "compose",
         "context_param",
+        "continue_on_error",
         "fn",
         "is_async",
         "kind",
@@ -111,6 +135,8 @@ class Stage:
         when: Callable[..., Any] | None = None,
         schema: Any = Any,
         reason: str | None = None,
+        continue_on_error: bool = False,
+        compose: Any = None,
     ) -> None:
         from .context import StageContext
 
@@ -128,6 +154,9 @@ class Stage:
         self.when = when
         self.schema = schema
         self.reason = reason
+        self.continue_on_error = continue_on_error
+        self.compose = compose
+        """For a `child` stage: how it launches child runs (see `compose.ChildSpec`)."""
         self.context_param: str | None = None
         self.is_async = False
         params: list[Param] = []
@@ -200,6 +229,7 @@ def stage(
     retry: Retry | None = None,
     timeout: float | None = None,
     when: Callable[..., Any] | None = None,
+    continue_on_error: bool = False,
 ) -> Callable[[Callable[..., Any]], Stage]: ...
 
 
@@ -211,18 +241,28 @@ def stage(
     retry: Retry | None = None,
     timeout: float | None = None,
     when: Callable[..., Any] | None = None,
+    continue_on_error: bool = False,
 ) -> Stage | Callable[[Callable[..., Any]], Stage]:
     """Make a function a pipeline stage: `@stage` or `@stage(retry=..., timeout=..., when=...)`.
 
     A sync function runs in a worker thread. `timeout` (seconds) applies to each attempt;
     a sync stage that times out is abandoned in its thread, not interrupted. `when` is a
     function bound like a stage; when it returns false the stage is skipped and outputs None.
+    With `continue_on_error`, a failure (after retries) is journaled and the run goes on:
+    the stage's output is then a `ws.Failed`, which later stages may bind.
     """
 
     def wrap(f: Callable[..., Any]) -> Stage:
         if isinstance(f, Stage):
             raise PipelineDefinitionError(f"{f.name!r} is already a stage")
-        return Stage(f, name=name or f.__name__, retry=retry, timeout=timeout, when=when)
+        return Stage(
+            f,
+            name=f.__name__ if name is None else name,
+            retry=retry,
+            timeout=timeout,
+            when=when,
+            continue_on_error=continue_on_error,
+        )
 
     if fn is not None:
         return wrap(fn)

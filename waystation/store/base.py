@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 RunStatus = Literal["pending", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 SETTLED: frozenset[str] = TERMINAL | {"paused"}
+ALL_STATUSES: frozenset[str] = SETTLED | {"pending", "running"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +182,18 @@ class Store(Protocol):
     ) -> list[RunRecord]:
         """Pending or running runs in run id order after `after` (recovery scans these),
         leaving out those leased by `exclude_owner`."""
+
+    async def tree(self, root_run_id: str) -> list[RunRecord]:
+        """Every run of the tree under `root_run_id`, the root included."""
+
+    async def count_stage_executions(self, root_run_id: str) -> int:
+        """Stage executions (started and retried attempts) over a whole tree."""
+
+    async def spend(
+        self, root_run_id: str, name: str, amount: float, limit: float | None
+    ) -> float | None:
+        """Add `amount` to a tree's named budget unless that passes `limit`; the new total,
+        or None when refused."""
 
     async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
         """Delete up to `limit` whole trees whose runs all have one of `statuses` and were

@@ -61,7 +61,12 @@ def _transition(row: Any) -> TransitionRecord:
 def _connect(path: str, durability: Durability) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     try:
+        # Look before touching: a foreign file must be refused before it is switched to WAL.
+        migrations.current_version(conn)
         conn.execute("PRAGMA journal_mode=WAL")
+    except NotAWaystationDatabase as exc:
+        conn.close()
+        raise NotAWaystationDatabase(f"{path}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise NotAWaystationDatabase(f"{path}: not a waystation database ({exc})") from exc
@@ -355,6 +360,27 @@ class SQLiteStore:
         count: int = await self._write(op)
         return count
 
+    async def spend(
+        self, root_run_id: str, name: str, amount: float, limit: float | None
+    ) -> float | None:
+        def op(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT spent FROM budgets WHERE root_run_id = ? AND name = ?",
+                (root_run_id, name),
+            ).fetchone()
+            total = (row[0] if row else 0.0) + amount
+            if limit is not None and total > limit:
+                return None
+            conn.execute(
+                "INSERT INTO budgets (root_run_id, name, spent) VALUES (?, ?, ?) "
+                "ON CONFLICT (root_run_id, name) DO UPDATE SET spent = excluded.spent",
+                (root_run_id, name, total),
+            )
+            return float(total)
+
+        result: float | None = await self._write(op)
+        return result
+
     async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
         count: int = await self._write(lambda conn: _prune(conn, before, statuses, limit))
         return count
@@ -405,6 +431,23 @@ class SQLiteStore:
             rows = await cur.fetchall()
         return [_run(r) for r in rows]
 
+    async def tree(self, root_run_id: str) -> list[RunRecord]:
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs WHERE root_run_id = ? ORDER BY depth, run_id",
+            (root_run_id,),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_run(r) for r in rows]
+
+    async def count_stage_executions(self, root_run_id: str) -> int:
+        async with self._r.execute(
+            "SELECT COUNT(*) FROM transitions WHERE event IN ('started', 'retrying') AND "
+            "run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)",
+            (root_run_id,),
+        ) as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         async with self._r.execute(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
@@ -417,7 +460,8 @@ class SQLiteStore:
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         async with self._r.execute(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
-            "AND event IN ('succeeded', 'reused', 'skipped', 'retrying', 'retried', 'resumed') "
+            "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
+            "'resumed', 'failed') "
             "ORDER BY seq",
             (run_id,),
         ) as cur:
@@ -456,6 +500,7 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
         "DELETE FROM transitions WHERE run_id IN "
         "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
     )
+    conn.execute("DELETE FROM budgets WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     return cur.rowcount
 

@@ -42,3 +42,11 @@ CREATE TABLE transitions (
     at           REAL NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+
+-- Named budgets (`ctx.spend`), summed over a tree of runs.
+CREATE TABLE budgets (
+    root_run_id  TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    spent        REAL NOT NULL,
+    PRIMARY KEY (root_run_id, name)
+) WITHOUT ROWID;

@@ -1,0 +1,404 @@
+"""Child runs through the public API: pipelines as stages, run_child, map, branch, loop,
+pause propagation, budgets, cycles, cancellation of trees, failure chains."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import waystation as ws
+
+executed: Counter[str] = Counter()
+
+
+class Review(msgspec.Struct):
+    ok: bool
+    note: str
+
+
+# -- a small tree: nightly > report > review -------------------------------------------------
+
+
+@ws.stage
+async def extract(doc: str) -> str:
+    executed[f"extract:{doc}"] += 1
+    return doc.upper()
+
+
+@ws.stage
+async def score(extract: str) -> int:
+    executed[f"score:{extract}"] += 1
+    if extract == "BAD":
+        raise ValueError(f"cannot score {extract}")
+    return len(extract)
+
+
+review = ws.Pipeline("review", [extract, score])
+
+
+@ws.stage
+async def load(docs: list[str]) -> list[str]:
+    executed["load"] += 1
+    return docs
+
+
+@ws.stage
+async def fan_out(load: list[str], ctx: ws.StageContext) -> list[int]:
+    executed["fan_out"] += 1
+    return await ws.map_children(ctx, review, [{"doc": d} for d in load], max_concurrency=3)
+
+
+@ws.stage
+async def summarize(fan_out: list[int]) -> int:
+    return sum(fan_out)
+
+
+report = ws.Pipeline("report", [load, fan_out, summarize])
+
+
+@ws.stage
+async def publish(report: int) -> str:
+    return f"total {report}"
+
+
+nightly = ws.Pipeline("nightly", [report, publish])
+
+
+async def test_pipeline_as_stage_and_map_children(db: Path) -> None:
+    executed.clear()
+    async with ws.Engine.open(db, pipelines=[nightly]) as engine:
+        run = await engine.start(nightly, {"docs": ["a", "bb", "ccc", "dddd"]})
+        assert run.status == "succeeded", run.error
+        assert run.output == "total 10"
+        tree = await engine.tree(run.run_id)
+        assert [c.run.pipeline for c in tree.children] == ["report"]
+        reviews = tree.children[0].children
+        assert len(reviews) == 4
+        assert all(r.run.run_kind == "map" and r.run.depth == 2 for r in reviews)
+        assert all(r.run.root_run_id == run.run_id for r in reviews)
+        assert {r.run.parent_run_id for r in reviews} == {tree.children[0].run.run_id}
+        assert sorted(r.run.output for r in reviews) == [1, 2, 3, 4]
+        direct = await engine.list(parent_run_id=run.run_id)
+        assert [r.pipeline for r in direct] == ["report"]
+        assert tree.children[0].run.run_kind == "child"
+    assert all(n == 1 for n in executed.values())
+
+
+async def test_failed_child_carries_the_chain(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[nightly]) as engine:
+        run = await engine.start(nightly, {"docs": ["ok", "bad"]})
+        assert run.status == "failed" and run.error is not None
+        assert run.error.stage_name == "report"
+        assert "nightly > report > report[0] > fan_out > review[1] > score" in run.error.message
+        assert "ValueError: cannot score BAD" in run.error.message
+        assert run.error.type == "waystation.errors.ChildFailed"
+
+
+# -- pausing at the bottom of a 3-level tree -------------------------------------------------
+
+approve = ws.gate("approve", schema=Review, reason="check the leaf")
+
+
+@ws.stage
+async def leaf_work(item: str) -> str:
+    executed[f"leaf:{item}"] += 1
+    return item * 2
+
+
+@ws.stage
+async def leaf_done(leaf_work: str, approve: Review) -> str:
+    executed[f"leaf_done:{leaf_work}"] += 1
+    return f"{leaf_work}:{approve.note}"
+
+
+leaf = ws.Pipeline("leaf", [leaf_work, approve, leaf_done])
+middle = ws.Pipeline("middle", [leaf.as_stage("leaf_run")])
+
+
+@ws.stage
+async def wrap(middle: str) -> str:
+    return f"<{middle}>"
+
+
+top = ws.Pipeline("top", [middle, wrap])
+
+
+async def test_pause_at_the_bottom_is_answered_through_the_root(db: Path) -> None:
+    executed.clear()
+    async with ws.Engine.open(db, pipelines=[top]) as engine:
+        run = await engine.start(top, {"item": "x"})
+        assert run.status == "paused" and run.pause is not None
+        assert run.pause.kind == "approve" and run.pause.stage_name == "middle"
+        deepest = run.pause.run_id
+        assert deepest is not None and deepest != run.run_id
+        bottom = await engine.get(deepest)
+        assert bottom.pipeline == "leaf" and bottom.status == "paused" and bottom.depth == 2
+        middle_run = (await engine.list(parent_run_id=run.run_id))[0]
+        assert middle_run.status == "paused"
+        with pytest.raises(ws.InvalidResumeInput, match="ok"):
+            await engine.resume(run.run_id, {"note": "missing ok"})
+        done = await engine.resume(run.run_id, {"ok": True, "note": "fine"})
+        assert done.status == "succeeded" and done.output == "<xx:fine>"
+        assert (await engine.get(deepest)).status == "succeeded"
+    assert executed == Counter({"leaf:x": 1, "leaf_done:xx": 1})
+
+
+async def test_pause_answered_through_the_child_after_a_restart(db: Path) -> None:
+    executed.clear()
+    async with ws.Engine.open(db, pipelines=[top]) as engine:
+        run = await engine.start(top, {"item": "y"})
+        assert run.pause is not None
+        deepest = run.pause.run_id
+    assert deepest is not None
+    async with ws.Engine.open(db, pipelines=[top]) as engine:
+        child = await engine.resume(deepest, {"ok": True, "note": "later"})
+        assert child.status == "succeeded"
+        done = await engine.wait(run.run_id, timeout=10)
+        assert done.status == "succeeded" and done.output == "<yy:later>"
+    assert executed == Counter({"leaf:y": 1, "leaf_done:yy": 1})
+
+
+async def test_map_children_with_several_paused_children(db: Path) -> None:
+    executed.clear()
+
+    @ws.stage
+    async def many(items: list[str], ctx: ws.StageContext) -> list[str]:
+        return await ws.map_children(ctx, leaf, [{"item": i} for i in items])
+
+    parent = ws.Pipeline("many", [many])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        run = await engine.start(parent, {"items": ["a", "b"]})
+        assert run.status == "paused"
+        children = await engine.list(parent_run_id=run.run_id)
+        assert [c.status for c in children] == ["paused", "paused"]
+        first = await engine.resume(children[1].run_id, {"ok": True, "note": "1"})
+        assert first.status == "succeeded"
+        # The parent may have been woken to look again; it settles paused on the other.
+        again = await engine.wait(run.run_id, timeout=10)
+        assert again.status == "paused" and again.pause is not None
+        assert again.pause.run_id == children[0].run_id
+        await engine.resume(children[0].run_id, {"ok": True, "note": "0"})
+        done = await engine.wait(run.run_id, timeout=10)
+        assert done.status == "succeeded" and done.output == ["aa:0", "bb:1"]
+    assert executed["leaf:a"] == 1 and executed["leaf:b"] == 1
+
+
+# -- budgets and cycles ----------------------------------------------------------------------
+
+
+@ws.stage
+async def recurse(n: int, ctx: ws.StageContext) -> int:
+    return 1 + await ctx.run_child(deep, {"n": n + 1})
+
+
+deep = ws.Pipeline("deep", [recurse])
+
+
+async def test_dynamic_recursion_is_bounded_by_max_depth(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[deep], limits=ws.Limits(max_depth=3)) as engine:
+        run = await engine.start(deep, {"n": 0})
+        assert run.status == "failed" and run.error is not None
+        assert "max_depth 3 exceeded" in run.error.message
+        assert "deep > recurse > deep[0]" in run.error.message
+        tree = await engine.tree(run.run_id)
+        depth = 0
+        while tree.children:
+            tree = tree.children[0]
+            depth += 1
+        assert depth == 3
+
+
+@ws.stage
+async def spender(amount: int, ctx: ws.StageContext) -> float:
+    return await ctx.spend("tokens", amount)
+
+
+spending = ws.Pipeline("spending", [spender], budgets={"tokens": 1000})
+
+
+async def test_named_budget_is_enforced(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[spending]) as engine:
+        ok = await engine.start(spending, {"amount": 600})
+        assert ok.status == "succeeded" and ok.output == 600
+        over = await engine.start(spending, {"amount": 1200})
+        assert over.status == "failed" and over.error is not None
+        assert "budget 'tokens' exceeded" in over.error.message
+
+
+async def test_max_children_per_stage(db: Path) -> None:
+    @ws.stage
+    async def wide(ctx: ws.StageContext) -> list[int]:
+        return await ws.map_children(ctx, review, [{"doc": "a"}] * 5)
+
+    p = ws.Pipeline("wide", [wide], limits=ws.Limits(max_children=3))
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        assert run.status == "failed" and run.error is not None
+        assert "max_children 3 exceeded" in run.error.message
+
+
+def test_a_pipeline_that_includes_itself_is_rejected() -> None:
+    inner = ws.Pipeline("loopy", [extract])
+    with pytest.raises(ws.PipelineDefinitionError, match="loopy > loopy"):
+        ws.Pipeline("loopy", [inner])
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+async def test_cancelling_a_parent_cancels_its_descendants(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[top]) as engine:
+        run = await engine.start(top, {"item": "z"})
+        assert run.status == "paused"
+        cancelled = await engine.cancel(run.run_id)
+        assert cancelled.status == "cancelled"
+        tree = await engine.tree(run.run_id)
+        statuses = []
+        stack = [tree]
+        while stack:
+            node = stack.pop()
+            statuses.append(node.run.status)
+            stack.extend(node.children)
+        assert statuses == ["cancelled"] * 3
+
+
+# -- failures that do not stop the run, branch, loop, mapping --------------------------------
+
+
+@ws.stage(continue_on_error=True)
+async def primary(x: int) -> int:
+    raise RuntimeError("primary is down")
+
+
+@ws.stage
+async def fallback(primary: ws.Failed | int) -> str:
+    if isinstance(primary, ws.Failed):
+        return f"fallback after {primary.type}: {primary.message}"
+    return str(primary)
+
+
+resilient = ws.Pipeline("resilient", [primary, fallback])
+
+
+async def test_continue_on_error_lets_later_stages_choose(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[resilient]) as engine:
+        run = await engine.start(resilient, {"x": 1})
+        assert run.status == "succeeded"
+        assert run.output == "fallback after RuntimeError: primary is down"
+        events = [(t.event, t.stage_index) for t in await engine.history(run.run_id)]
+        assert ("failed", 0) in events and ("succeeded", 1) in events
+
+
+@ws.stage
+async def small(n: int) -> str:
+    return f"small {n}"
+
+
+@ws.stage
+async def big(n: int) -> str:
+    return f"big {n}"
+
+
+def size(n: int) -> str:
+    return "big" if n > 10 else "small"
+
+
+sized = ws.Pipeline(
+    "sized",
+    [
+        ws.branch(
+            "route", size, {"small": ws.Pipeline("s", [small]), "big": ws.Pipeline("b", [big])}
+        )
+    ],
+)
+
+
+@ws.stage
+async def halve(n: int) -> int:
+    return n // 2
+
+
+halving = ws.Pipeline("halving", [halve])
+looping = ws.Pipeline("looping", [ws.loop(halving, until=lambda out: out < 3, max_iterations=10)])
+
+
+async def test_branch_and_loop(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[sized, looping]) as engine:
+        assert (await engine.start(sized, {"n": 50})).output == "big 50"
+        assert (await engine.start(sized, {"n": 5})).output == "small 5"
+        run = await engine.start(looping, {"n": 40})
+        assert run.status == "succeeded" and run.output == 2  # 40 > 20 > 10 > 5 > 2
+        kids = await engine.list(parent_run_id=run.run_id)
+        assert [k.run_kind for k in kids] == ["loop"] * 4
+
+
+class Metrics(msgspec.Struct):
+    accuracy: float
+
+
+class Scored(msgspec.Struct):
+    metrics: Metrics
+
+
+@ws.stage
+async def measure(doc: str) -> Scored:
+    return Scored(Metrics(accuracy=len(doc) / 10))
+
+
+measuring = ws.Pipeline("measuring", [measure])
+
+
+@ws.stage
+async def documents(n: int) -> dict[str, Any]:
+    return {"documents": ["x" * n, "y"]}
+
+
+mapped = ws.Pipeline(
+    "mapped",
+    [
+        documents,
+        measuring.as_stage(
+            "review_main",
+            inputs={"doc": "documents.documents.0"},
+            outputs={"accuracy": "measure.metrics.accuracy"},
+        ),
+    ],
+)
+
+
+async def test_as_stage_maps_inputs_and_outputs_by_path(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[mapped]) as engine:
+        run = await engine.start(mapped, {"n": 7})
+        assert run.status == "succeeded", run.error
+        assert run.output == {"accuracy": 0.7}
+
+
+async def test_workspace_lies_under_the_parent_and_is_removed_on_success(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    @ws.stage
+    async def use_space(doc: str, ctx: ws.StageContext) -> str:
+        seen.append(ctx.workspace)
+        (ctx.workspace / "out.txt").write_text(doc)
+        return doc
+
+    child = ws.Pipeline("space_child", [use_space])
+
+    @ws.stage
+    async def parent_space(ctx: ws.StageContext) -> str:
+        seen.append(ctx.workspace)
+        return str(await ctx.run_child(child, {"doc": "hi"}))
+
+    parent = ws.Pipeline("space_parent", [parent_space])
+    root = tmp_path / "ws"
+    async with ws.Engine.open(
+        tmp_path / "runs.db", pipelines=[parent], workspace_root=root
+    ) as engine:
+        run = await engine.start(parent)
+        assert run.status == "succeeded"
+    assert seen[1].parent == seen[0]
+    assert not (root / run.run_id).exists()

@@ -1,0 +1,1004 @@
+"""Running pipelines through the public API, checking what was committed to the SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+import waystation as ws
+
+SAFETY = 30  # seconds; a safety net against hangs, never a timing assertion
+
+
+class Order(msgspec.Struct):
+    item: str
+    qty: int
+
+
+class Quote(msgspec.Struct):
+    item: str
+    total: float
+
+
+@dataclass
+class Label:
+    text: str
+    copies: int
+
+
+class Decision(msgspec.Struct):
+    approved: bool
+    by: str
+
+
+class Totals(TypedDict):
+    item: str
+    total: float
+
+
+def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
+    """(seq, stage_index, event, attempt, payload, error) rows of one run, in order."""
+    with closing(sqlite3.connect(db)) as conn:
+        return conn.execute(
+            "SELECT seq, stage_index, event, attempt, payload, error FROM transitions "
+            "WHERE run_id = ? ORDER BY seq",
+            (run_id,),
+        ).fetchall()
+
+
+def run_row(db: Path, run_id: str) -> dict[str, Any]:
+    with closing(sqlite3.connect(db)) as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        assert row is not None, f"no run row for {run_id}"
+        return dict(row)
+
+
+def succeeded_rows(db: Path, run_id: str, stage_index: int) -> list[tuple[Any, ...]]:
+    return [r for r in journal(db, run_id) if r[2] == "succeeded" and r[1] == stage_index]
+
+
+# -- the pipeline most tests use --------------------------------------------------------------
+
+
+@ws.stage
+async def price(order: Order) -> float:
+    return order.qty * 2.5
+
+
+@ws.stage
+async def quote(order: Order, price: float) -> Quote:
+    return Quote(order.item, price)
+
+
+quoting = ws.Pipeline("quoting", [price, quote], version="1")
+
+
+# -- start ------------------------------------------------------------------------------------
+
+
+async def test_start_returns_the_finished_run_with_the_typed_output(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        run = await engine.start(quoting, {"order": Order("pen", 4)})
+        assert run.status == "succeeded"
+        assert run.done
+        assert isinstance(run.output, Quote)
+        assert run.output == Quote("pen", 10.0)
+        assert run.pipeline == "quoting"
+        assert run.pipeline_version == "1"
+        assert run.error is None and run.pause is None
+        assert run.stage_index == 2
+        got = await engine.get(run.run_id)
+        assert got.status == "succeeded"
+        assert got.output == Quote("pen", 10.0)
+        assert got.input == {"order": Order("pen", 4)}
+    row = run_row(db, run.run_id)
+    assert row["status"] == "succeeded"
+    assert json.loads(row["output"]) == {"item": "pen", "total": 10.0}
+    assert json.loads(row["input"]) == {"order": {"item": "pen", "qty": 4}}
+    assert row["lease_owner"] is None
+
+
+async def test_output_is_decoded_by_a_new_engine_on_the_same_file(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        run = await engine.start(quoting, {"order": Order("ink", 2)})
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        again = await engine.get(run.run_id)
+    assert isinstance(again.output, Quote)
+    assert again.output == Quote("ink", 5.0)
+
+
+async def test_dataclass_output_is_decoded(db: Path) -> None:
+    @ws.stage
+    async def label(order: Order) -> Label:
+        return Label(order.item.upper(), order.qty)
+
+    p = ws.Pipeline("labels", [label])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 3)})
+    assert run.output == Label("PEN", 3)
+    assert isinstance(run.output, Label)
+
+
+async def test_typed_dict_output(db: Path) -> None:
+    # msgspec supports TypedDict, and so do annotations elsewhere (inputs, parameters).
+    @ws.stage
+    async def totals(order: Order) -> Totals:
+        return {"item": order.item, "total": order.qty * 1.5}
+
+    @ws.stage
+    async def describe(totals: Totals) -> str:
+        return f"{totals['item']}={totals['total']}"
+
+    p = ws.Pipeline("typed-dict", [totals, describe])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 2)})
+    assert run.error is None, run.error.message
+    assert run.status == "succeeded"
+    assert run.output == "pen=3.0"
+    assert len(succeeded_rows(db, run.run_id, 0)) == 1
+
+
+async def test_parameters_bind_to_input_fields_and_earlier_outputs(db: Path) -> None:
+    seen: dict[str, Any] = {}
+
+    @ws.stage
+    async def summary(order: Order, price: float, quote: Quote, note: str) -> str:
+        seen.update(order=order, price=price, quote=quote, note=note)
+        return f"{note}: {quote.item} {price}"
+
+    p = ws.Pipeline("binding", [price, quote, summary])
+    assert set(p.inputs) == {"order", "note"}
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 2), "note": "rush"})
+    assert run.output == "rush: pen 5.0"
+    assert seen == {
+        "order": Order("pen", 2),
+        "price": 5.0,
+        "quote": Quote("pen", 5.0),
+        "note": "rush",
+    }
+    assert isinstance(seen["order"], Order)
+    assert isinstance(seen["quote"], Quote)
+
+
+async def test_a_parameter_may_take_an_earlier_output_as_another_type(db: Path) -> None:
+    seen: list[Any] = []
+
+    @ws.stage
+    async def raw(quote: dict[str, Any]) -> int:
+        seen.append(quote)
+        return len(quote)
+
+    p = ws.Pipeline("convert", [price, quote, raw])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 2)})
+    assert run.output == 2
+    assert seen == [{"item": "pen", "total": 5.0}]
+
+
+async def test_stage_context(db: Path) -> None:
+    seen: list[dict[str, Any]] = []
+
+    @ws.stage
+    async def first(order: Order, ctx: ws.StageContext) -> int:
+        seen.append({"key": ctx.idempotency_key, "index": ctx.stage_index})
+        return order.qty
+
+    @ws.stage
+    async def second(first: int, context: ws.StageContext) -> str:
+        seen.append(
+            {
+                "run_id": context.run_id,
+                "index": context.stage_index,
+                "attempt": context.attempt,
+                "key": context.idempotency_key,
+                "input": context.input,
+                "results": dict(context.results),
+            }
+        )
+        return "ok"
+
+    p = ws.Pipeline("context", [first, second])
+    assert set(p.inputs) == {"order"}
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 3)}, run_id="ctx-run-1")
+    assert run.status == "succeeded"
+    ctx = seen[1]
+    assert ctx["run_id"] == "ctx-run-1"
+    assert ctx["index"] == 1
+    assert seen[0]["index"] == 0
+    assert ctx["attempt"] == 1
+    assert isinstance(ctx["key"], str) and ctx["key"]
+    assert ctx["key"] != seen[0]["key"]  # one key per stage
+    assert ctx["input"] == {"order": Order("pen", 3)}
+    assert ctx["results"] == {"first": 3}
+
+
+async def test_sync_stage_runs_in_a_worker_thread(db: Path) -> None:
+    threads: list[int] = []
+
+    @ws.stage
+    def blocking(order: Order) -> int:
+        threads.append(threading.get_ident())
+        return order.qty * 10
+
+    @ws.stage
+    async def after(blocking: int) -> int:
+        threads.append(threading.get_ident())
+        return blocking + 1
+
+    p = ws.Pipeline("sync", [blocking, after])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 3)})
+    assert run.output == 31
+    loop_thread = threading.get_ident()
+    assert threads[0] != loop_thread
+    assert threads[1] == loop_thread
+
+
+# -- retries, failures, timeouts --------------------------------------------------------------
+
+
+async def test_retries_journal_each_failed_attempt(db: Path) -> None:
+    calls: list[tuple[int, str]] = []
+
+    @ws.stage(retry=ws.Retry(attempts=4, backoff=0))
+    async def flaky(ctx: ws.StageContext) -> str:
+        calls.append((ctx.attempt, ctx.idempotency_key))
+        if ctx.attempt < 3:
+            raise ConnectionError(f"down on attempt {ctx.attempt}")
+        return "up"
+
+    p = ws.Pipeline("flaky", [flaky])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        history = await engine.history(run.run_id)
+    assert run.status == "succeeded"
+    assert run.output == "up"
+    assert [a for a, _ in calls] == [1, 2, 3]
+    assert len({k for _, k in calls}) == 1  # idempotency key stable across attempts
+
+    retrying = [t for t in history if t.event == "retrying"]
+    assert [t.attempt for t in retrying] == [1, 2]
+    for t in retrying:
+        assert t.error is not None
+        assert t.error.type == "ConnectionError"
+        assert t.error.message == f"down on attempt {t.attempt}"
+        assert t.stage_index == 0
+    done = [t for t in history if t.event == "succeeded"]
+    assert len(done) == 1 and done[0].attempt == 3
+    # and on disk
+    rows = [r for r in journal(db, run.run_id) if r[2] == "retrying"]
+    assert [r[3] for r in rows] == [1, 2]
+    assert all(json.loads(r[5])["type"] == "ConnectionError" for r in rows)
+
+
+async def test_exhausted_retries_fail_the_run_with_the_error_persisted(db: Path) -> None:
+    calls = 0
+
+    @ws.stage
+    async def fine() -> int:
+        return 1
+
+    @ws.stage(retry=ws.Retry(attempts=3, backoff=0))
+    async def doomed(fine: int) -> int:
+        nonlocal calls
+        calls += 1
+        raise ValueError(f"bad value {calls}")
+
+    @ws.stage
+    async def never(doomed: int) -> int:
+        raise AssertionError("must not run")
+
+    p = ws.Pipeline("doomed", [fine, doomed, never])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+    assert calls == 3
+    assert run.status == "failed"
+    assert run.done
+    assert run.output is None
+    err = run.error
+    assert err is not None
+    assert err.type == "ValueError"
+    assert err.message == "bad value 3"
+    assert err.traceback is not None
+    assert "ValueError: bad value 3" in err.traceback
+    assert "doomed" in err.traceback
+    assert err.stage_name == "doomed"
+    assert err.stage_index == 1
+
+    rows = journal(db, run.run_id)
+    stage1 = [(r[2], r[3]) for r in rows if r[1] == 1]
+    assert stage1 == [("started", 1), ("retrying", 1), ("retrying", 2), ("failed", 3)]
+    failed = [r for r in rows if r[2] == "failed"]
+    assert json.loads(failed[0][5])["message"] == "bad value 3"
+    assert not any(r[1] == 2 for r in rows)
+    row = run_row(db, run.run_id)
+    assert row["status"] == "failed"
+    stored = json.loads(row["error"])
+    assert stored["type"] == "ValueError"
+    assert stored["message"] == "bad value 3"
+    assert "Traceback" in stored["traceback"]
+    assert row["lease_owner"] is None
+
+
+async def test_only_listed_exceptions_are_retried(db: Path) -> None:
+    calls = 0
+
+    @ws.stage(retry=ws.Retry(attempts=5, retry_on=(ConnectionError,)))
+    async def picky() -> int:
+        nonlocal calls
+        calls += 1
+        raise KeyError("missing")
+
+    p = ws.Pipeline("picky", [picky])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+    assert calls == 1
+    assert run.status == "failed"
+    assert run.error is not None and run.error.type == "KeyError"
+    assert not [r for r in journal(db, run.run_id) if r[2] == "retrying"]
+
+
+async def test_a_stage_raising_cancelled_error_settles_the_run(db: Path) -> None:
+    # User code can raise CancelledError without anyone cancelling the run, e.g. by awaiting
+    # a task that was cancelled. The run must settle (fail), not stay `running` forever.
+    @ws.stage
+    async def awaits_a_cancelled_task() -> int:
+        task = asyncio.create_task(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        task.cancel()
+        await task
+        return 1
+
+    p = ws.Pipeline("inner-cancel", [awaits_a_cancelled_task])
+    async with ws.Engine.open(db, pipelines=[p, quoting]) as engine:
+        run = await engine.submit(p)
+        try:
+            settled = await engine.wait(run.run_id, timeout=10)
+        except TimeoutError:
+            stuck = await engine.get(run.run_id)
+            pytest.fail(f"run never settled: still {stuck.status!r} after the stage raised")
+        assert settled.status == "failed"
+        assert settled.error is not None
+        assert "CancelledError" in settled.error.type
+        # and the engine keeps serving
+        other = await engine.start(quoting, {"order": Order("pen", 1)}, timeout=SAFETY)
+        assert other.status == "succeeded"
+
+
+async def test_timeout_fails_the_stage_with_stage_timeout(db: Path) -> None:
+    @ws.stage(timeout=0.05)
+    async def hang() -> int:
+        await anyio.Event().wait()
+        return 1
+
+    p = ws.Pipeline("hang", [hang])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, timeout=SAFETY)
+    assert run.status == "failed"
+    assert run.error is not None
+    assert run.error.type.endswith("StageTimeout")
+    assert "hang" in run.error.message
+    failed = [r for r in journal(db, run.run_id) if r[2] == "failed"]
+    assert len(failed) == 1
+    assert json.loads(failed[0][5])["type"].endswith("StageTimeout")
+
+
+async def test_timed_out_attempt_is_retried(db: Path) -> None:
+    attempts: list[int] = []
+
+    @ws.stage(timeout=0.05, retry=ws.Retry(attempts=2))
+    async def slow_then_fast(ctx: ws.StageContext) -> str:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            await anyio.Event().wait()
+        return "fast"
+
+    p = ws.Pipeline("slow-then-fast", [slow_then_fast])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, timeout=SAFETY)
+    assert run.status == "succeeded"
+    assert run.output == "fast"
+    assert attempts == [1, 2]
+    retrying = [r for r in journal(db, run.run_id) if r[2] == "retrying"]
+    assert len(retrying) == 1
+    assert json.loads(retrying[0][5])["type"].endswith("StageTimeout")
+
+
+async def test_sync_stage_timeout(db: Path) -> None:
+    release = threading.Event()
+
+    @ws.stage(timeout=0.05)
+    def stuck() -> int:
+        release.wait(SAFETY)
+        return 1
+
+    p = ws.Pipeline("stuck", [stuck])
+    try:
+        async with ws.Engine.open(db, pipelines=[p]) as engine:
+            run = await engine.start(p, timeout=SAFETY)
+    finally:
+        release.set()
+    assert run.status == "failed"
+    assert run.error is not None and run.error.type.endswith("StageTimeout")
+
+
+# -- when= ------------------------------------------------------------------------------------
+
+
+async def test_when_false_skips_the_stage(db: Path) -> None:
+    calls = 0
+
+    @ws.stage(when=lambda order: order.qty >= 10)
+    async def discount(order: Order, price: float) -> float:
+        nonlocal calls
+        calls += 1
+        return price * 0.9
+
+    @ws.stage
+    async def total(price: float, discount: float | None) -> float:
+        return discount if discount is not None else price
+
+    p = ws.Pipeline("discounts", [price, discount, total])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        small = await engine.start(p, {"order": Order("pen", 2)})
+        big = await engine.start(p, {"order": Order("pen", 10)})
+        history = await engine.history(small.run_id)
+    assert calls == 1
+    assert small.output == 5.0
+    assert big.output == 22.5
+    skipped = [t for t in history if t.stage_index == 1]
+    assert [t.event for t in skipped] == ["started", "skipped"]
+    assert skipped[1].payload is None
+    assert not succeeded_rows(db, small.run_id, 1)
+    assert len(succeeded_rows(db, big.run_id, 1)) == 1
+
+
+async def test_skipped_last_stage_outputs_none(db: Path) -> None:
+    @ws.stage(when=lambda price: price > 100)
+    async def audit(price: float) -> str:
+        return "audited"
+
+    p = ws.Pipeline("skip-last", [price, audit])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 1)})
+    assert run.status == "succeeded"
+    assert run.output is None
+    assert run_row(db, run.run_id)["output"] is None
+
+
+# -- outputs ----------------------------------------------------------------------------------
+
+
+async def test_return_annotation_is_enforced(db: Path) -> None:
+    @ws.stage
+    async def count(order: Order) -> int:
+        return "three"  # type: ignore[return-value]
+
+    p = ws.Pipeline("wrong-type", [count])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 3)})
+    assert run.status == "failed"
+    assert run.error is not None
+    assert run.error.type.endswith("StageOutputError")
+    message = run.error.message
+    assert "count" in message
+    assert "int" in message
+    assert "str" in message
+    assert not succeeded_rows(db, run.run_id, 0)
+    assert run_row(db, run.run_id)["output"] is None
+
+
+@pytest.mark.parametrize(
+    ("returned", "expected", "actual"),
+    [
+        ({"item": "pen", "total": 1.0}, "Quote", "dict"),
+        (Label("x", 1), "Quote", "Label"),
+        (None, "Quote", "NoneType"),
+    ],
+    ids=["dict", "other-class", "none"],
+)
+async def test_struct_annotation_is_enforced(
+    db: Path, returned: Any, expected: str, actual: str
+) -> None:
+    @ws.stage
+    async def make_quote() -> Quote:
+        return returned  # type: ignore[no-any-return]
+
+    p = ws.Pipeline("wrong-struct", [make_quote])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+    assert run.status == "failed"
+    assert run.error is not None
+    assert "make_quote" in run.error.message
+    assert expected in run.error.message
+    assert actual in run.error.message
+    assert not succeeded_rows(db, run.run_id, 0)
+
+
+async def test_generic_annotation_is_enforced(db: Path) -> None:
+    @ws.stage
+    async def numbers() -> list[int]:
+        return ["one", "two"]  # type: ignore[list-item]
+
+    p = ws.Pipeline("wrong-generic", [numbers])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+    assert run.status == "failed"
+    assert run.error is not None
+    assert "numbers" in run.error.message
+    assert "list[int]" in run.error.message
+    assert not succeeded_rows(db, run.run_id, 0)
+
+
+async def test_wrong_output_type_is_not_retried(db: Path) -> None:
+    calls = 0
+
+    @ws.stage(retry=ws.Retry(attempts=3))
+    async def count() -> int:
+        nonlocal calls
+        calls += 1
+        return "three"  # type: ignore[return-value]
+
+    p = ws.Pipeline("wrong-type-retry", [count])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+    assert run.status == "failed"
+    assert calls == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "type_name"),
+    [
+        (lambda: object(), "object"),
+        (lambda: {object(), object()}, "set"),
+        (lambda: {"handle": object()}, "dict"),
+        (lambda: float("nan"), "nan"),
+    ],
+    ids=["object", "set-of-objects", "dict-with-object", "nan"],
+)
+async def test_unserializable_output_fails_the_run_and_the_engine_keeps_serving(
+    db: Path, make: Any, type_name: str
+) -> None:
+    release = anyio.Event()
+
+    @ws.stage
+    async def make_handle():  # type: ignore[no-untyped-def]
+        return make()
+
+    @ws.stage
+    async def waiting(order: Order) -> int:
+        await release.wait()
+        return order.qty
+
+    bad = ws.Pipeline("unserializable", [make_handle])
+    good = ws.Pipeline("good", [waiting, price])
+    async with ws.Engine.open(db, pipelines=[bad, good]) as engine:
+        other = await engine.submit(good, {"order": Order("pen", 2)})
+        run = await engine.start(bad, timeout=SAFETY)
+        assert run.status == "failed"
+        assert run.error is not None
+        assert run.error.type.endswith("StageOutputError")
+        assert "make_handle" in run.error.message
+        assert type_name in run.error.message
+        assert not succeeded_rows(db, run.run_id, 0)
+        # the engine still serves: a run in flight finishes, a new one runs
+        release.set()
+        finished = await engine.wait(other.run_id, timeout=SAFETY)
+        assert finished.status == "succeeded" and finished.output == 5.0
+        again = await engine.start(good, {"order": Order("ink", 4)}, timeout=SAFETY)
+        assert again.status == "succeeded" and again.output == 10.0
+        failed = await engine.list(status="failed")
+        assert [r.run_id for r in failed] == [run.run_id]
+
+
+# -- identity: idempotency keys and run ids ---------------------------------------------------
+
+
+async def test_idempotency_key_returns_the_existing_run(db: Path) -> None:
+    calls = 0
+
+    @ws.stage
+    async def once(order: Order) -> int:
+        nonlocal calls
+        calls += 1
+        return order.qty
+
+    p = ws.Pipeline("once", [once])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        first = await engine.start(p, {"order": Order("pen", 1)}, idempotency_key="order-1")
+        second = await engine.start(p, {"order": Order("pen", 1)}, idempotency_key="order-1")
+        third = await engine.start(p, {"order": Order("ink", 9)}, idempotency_key="order-1")
+        other = await engine.start(p, {"order": Order("pen", 1)}, idempotency_key="order-2")
+        runs = await engine.list()
+    assert first.run_id == second.run_id == third.run_id
+    assert third.output == 1
+    assert first.idempotency_key == "order-1"
+    assert other.run_id != first.run_id
+    assert calls == 2
+    assert len(runs) == 2
+    assert len([r for r in journal(db, first.run_id) if r[2] == "created"]) == 1
+
+
+async def test_concurrent_starts_with_one_idempotency_key_create_one_run(db: Path) -> None:
+    calls = 0
+
+    @ws.stage
+    async def once(order: Order) -> int:
+        nonlocal calls
+        calls += 1
+        return order.qty
+
+    p = ws.Pipeline("once-concurrent", [once])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        runs = await asyncio.gather(
+            *(engine.start(p, {"order": Order("pen", 1)}, idempotency_key="k") for _ in range(10))
+        )
+        listed = await engine.list()
+    assert len({r.run_id for r in runs}) == 1
+    assert all(r.status == "succeeded" for r in runs)
+    assert calls == 1
+    assert len(listed) == 1
+
+
+async def test_idempotency_key_used_by_another_pipeline_is_refused(db: Path) -> None:
+    other = ws.Pipeline("other-key", [price])
+    async with ws.Engine.open(db, pipelines=[quoting, other]) as engine:
+        await engine.start(quoting, {"order": Order("pen", 1)}, idempotency_key="k1")
+        with pytest.raises(ws.RunAlreadyExists):
+            await engine.start(other, {"order": Order("pen", 1)}, idempotency_key="k1")
+        assert len(await engine.list()) == 1
+
+
+async def test_explicit_run_id(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        run = await engine.start(quoting, {"order": Order("pen", 1)}, run_id="order-42")
+        assert run.run_id == "order-42"
+        again = await engine.start(quoting, {"order": Order("pen", 1)}, run_id="order-42")
+        assert again.run_id == "order-42"
+        got = await engine.get("order-42")
+        assert got.status == "succeeded"
+        assert len(await engine.list()) == 1
+        with pytest.raises(ws.InvalidInput):
+            await engine.start(quoting, {"order": Order("pen", 1)}, run_id="has space")
+    assert run_row(db, "order-42")["root_run_id"] == "order-42"
+    assert len(succeeded_rows(db, "order-42", 0)) == 1
+
+
+async def test_explicit_run_id_of_another_pipeline_is_refused(db: Path) -> None:
+    other = ws.Pipeline("other", [price])
+    async with ws.Engine.open(db, pipelines=[quoting, other]) as engine:
+        await engine.start(quoting, {"order": Order("pen", 1)}, run_id="shared-id")
+        with pytest.raises(ws.RunAlreadyExists):
+            await engine.start(other, {"order": Order("pen", 1)}, run_id="shared-id")
+        assert len(await engine.list()) == 1
+
+
+async def test_generated_run_ids_are_unique(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        runs = [await engine.submit(quoting, {"order": Order("pen", 1)}) for _ in range(50)]
+        for r in runs:
+            await engine.wait(r.run_id, timeout=SAFETY)
+    assert len({r.run_id for r in runs}) == 50
+
+
+# -- submit, wait, list, history --------------------------------------------------------------
+
+
+async def test_submit_returns_at_once_and_wait_returns_the_finished_run(db: Path) -> None:
+    entered = anyio.Event()
+    release = anyio.Event()
+
+    @ws.stage
+    async def blocked(order: Order) -> int:
+        entered.set()
+        await release.wait()
+        return order.qty
+
+    p = ws.Pipeline("blocked", [blocked])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.submit(p, {"order": Order("pen", 7)})
+        assert run.status in ("pending", "running")
+        assert not run.done
+        with anyio.fail_after(SAFETY):
+            await entered.wait()
+        assert (await engine.get(run.run_id)).status == "running"
+        assert run_row(db, run.run_id)["status"] == "running"
+        release.set()
+        done = await engine.wait(run.run_id, timeout=SAFETY)
+    assert done.status == "succeeded"
+    assert done.output == 7
+
+
+async def test_list_filters_and_pages(db: Path) -> None:
+    approval = ws.gate("approval", schema=Decision)
+    gated = ws.Pipeline("gated", [price, approval])
+    async with ws.Engine.open(db, pipelines=[quoting, gated]) as engine:
+        done = [await engine.start(quoting, {"order": Order("pen", i)}) for i in range(3)]
+        paused = [await engine.start(gated, {"order": Order("ink", i)}) for i in range(2)]
+        assert {r.status for r in done} == {"succeeded"}
+        assert {r.status for r in paused} == {"paused"}
+        everything = await engine.list()
+        by_status = await engine.list(status="paused")
+        by_pipeline = await engine.list(pipeline="quoting")
+        both = await engine.list(status="succeeded", pipeline="gated")
+        page1 = await engine.list(limit=2)
+        page2 = await engine.list(after=page1[-1].run_id, limit=2)
+        page3 = await engine.list(after=page2[-1].run_id, limit=2)
+        page4 = await engine.list(after=page3[-1].run_id, limit=2)
+        iterated = [r.run_id async for r in engine.iter_runs(page=2)]
+        iterated_paused = [r.run_id async for r in engine.iter_runs(status="paused", page=1)]
+    all_ids = {r.run_id for r in done + paused}
+    assert {r.run_id for r in everything} == all_ids
+    assert [r.run_id for r in everything] == sorted(r.run_id for r in everything)
+    assert {r.run_id for r in by_status} == {r.run_id for r in paused}
+    assert {r.run_id for r in by_pipeline} == {r.run_id for r in done}
+    assert both == []
+    assert [len(page1), len(page2), len(page3), len(page4)] == [2, 2, 1, 0]
+    paged = [r.run_id for r in page1 + page2 + page3]
+    assert paged == [r.run_id for r in everything]
+    assert iterated == paged
+    assert sorted(iterated_paused) == sorted(r.run_id for r in paused)
+
+
+async def test_list_is_in_creation_order(db: Path) -> None:
+    # Engine.list documents "runs in creation order" and pages by run id, so generated run
+    # ids must sort in the order runs were created, also for runs created in one millisecond.
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        created = [
+            (await engine.submit(quoting, {"order": Order("pen", i)})).run_id for i in range(300)
+        ]
+        for run_id in created:
+            await engine.wait(run_id, timeout=SAFETY)
+        listed = [r.run_id for r in await engine.list(limit=1000)]
+    assert listed == created
+
+
+async def test_history_is_the_ordered_journal(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        run = await engine.start(quoting, {"order": Order("pen", 2)})
+        history = await engine.history(run.run_id)
+    assert [(t.event, t.stage_index) for t in history] == [
+        ("created", None),
+        ("started", 0),
+        ("succeeded", 0),
+        ("started", 1),
+        ("succeeded", 1),
+        ("completed", 2),
+    ]
+    assert [t.seq for t in history] == list(range(1, len(history) + 1))
+    assert all(t.run_id == run.run_id for t in history)
+    assert [t.at for t in history] == sorted(t.at for t in history)
+    assert history[2].payload == 5.0
+    assert history[4].payload == {"item": "pen", "total": 5.0}
+    assert history[2].stage_path == "price"
+    assert history[4].stage_path == "quote"
+    # the same rows on disk; the run row's seq is the journal's tail
+    assert [r[2] for r in journal(db, run.run_id)] == [t.event for t in history]
+    assert run_row(db, run.run_id)["seq"] == len(history)
+
+
+async def test_each_stage_output_is_stored_once(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        run = await engine.start(quoting, {"order": Order("pen", 2)})
+    payloads = [r[4] for r in journal(db, run.run_id) if r[4] is not None]
+    assert len(payloads) == 2
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+async def test_cancel_a_paused_run(db: Path) -> None:
+    after_gate = 0
+
+    @ws.stage
+    async def pay(approval: Decision) -> str:
+        nonlocal after_gate
+        after_gate += 1
+        return "paid"
+
+    p = ws.Pipeline("cancel-paused", [price, ws.gate("approval", schema=Decision), pay])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p, {"order": Order("pen", 1)})
+        assert run.status == "paused"
+        cancelled = await engine.cancel(run.run_id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.done
+        assert cancelled.pause is None
+        assert (await engine.get(run.run_id)).status == "cancelled"
+        history = await engine.history(run.run_id)
+        with pytest.raises(ws.NotPaused):
+            await engine.resume(run.run_id, {"approved": True, "by": "ann"})
+        with pytest.raises(ws.InvalidRunState):
+            await engine.cancel(run.run_id)
+    assert history[-1].event == "cancelled"
+    assert after_gate == 0
+    row = run_row(db, run.run_id)
+    assert row["status"] == "cancelled"
+    assert row["pause"] is None
+    assert journal(db, run.run_id)[-1][2] == "cancelled"
+
+
+async def test_cancel_a_running_run(db: Path) -> None:
+    entered = anyio.Event()
+    interrupted = anyio.Event()
+    later = 0
+
+    @ws.stage
+    async def forever(order: Order) -> int:
+        entered.set()
+        try:
+            await anyio.Event().wait()
+        finally:
+            interrupted.set()
+        return 0
+
+    @ws.stage
+    async def after(forever: int) -> int:
+        nonlocal later
+        later += 1
+        return 1
+
+    p = ws.Pipeline("cancel-running", [price, forever, after])
+    async with ws.Engine.open(db, pipelines=[p, quoting]) as engine:
+        run = await engine.submit(p, {"order": Order("pen", 1)})
+        waiter = asyncio.create_task(engine.wait(run.run_id, timeout=SAFETY))
+        with anyio.fail_after(SAFETY):
+            await entered.wait()
+        with anyio.fail_after(SAFETY):
+            cancelled = await engine.cancel(run.run_id)
+        waited = await waiter
+        assert interrupted.is_set()
+        assert cancelled.status == "cancelled"
+        assert waited.status == "cancelled"
+        assert (await engine.get(run.run_id)).status == "cancelled"
+        # the engine keeps serving
+        other = await engine.start(quoting, {"order": Order("pen", 1)}, timeout=SAFETY)
+        assert other.status == "succeeded"
+    assert later == 0
+    rows = journal(db, run.run_id)
+    assert rows[-1][2] == "cancelled"
+    assert rows[-1][1] == 1
+    assert not succeeded_rows(db, run.run_id, 1)
+    row = run_row(db, run.run_id)
+    assert row["status"] == "cancelled"
+    assert row["lease_owner"] is None
+
+
+async def test_cancel_a_running_sync_stage(db: Path) -> None:
+    entered = anyio.Event()
+    release = threading.Event()
+
+    @ws.stage
+    def blocking() -> int:
+        anyio.from_thread.run_sync(entered.set)
+        release.wait(SAFETY)
+        return 1
+
+    p = ws.Pipeline("cancel-sync", [blocking])
+    try:
+        async with ws.Engine.open(db, pipelines=[p]) as engine:
+            run = await engine.submit(p)
+            with anyio.fail_after(SAFETY):
+                await entered.wait()
+            with anyio.fail_after(SAFETY):
+                cancelled = await engine.cancel(run.run_id)
+    finally:
+        release.set()
+    assert cancelled.status == "cancelled"
+    assert journal(db, run.run_id)[-1][2] == "cancelled"
+    assert not succeeded_rows(db, run.run_id, 0)
+
+
+async def test_closing_mid_stage_then_reopening_continues_the_run(db: Path) -> None:
+    entered = anyio.Event()
+    calls: dict[str, int] = {"first": 0, "second": 0, "third": 0}
+
+    @ws.stage
+    async def first(n: int) -> int:
+        calls["first"] += 1
+        return n + 1
+
+    @ws.stage
+    async def second(first: int) -> int:
+        calls["second"] += 1
+        if calls["second"] == 1:
+            entered.set()
+            await anyio.Event().wait()  # interrupted by close()
+        return first + 1
+
+    @ws.stage
+    async def third(second: int) -> int:
+        calls["third"] += 1
+        return second + 1
+
+    p = ws.Pipeline("close-reopen", [first, second, third])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.submit(p, {"n": 1})
+        with anyio.fail_after(SAFETY):
+            await entered.wait()
+    assert run_row(db, run.run_id)["status"] == "running"
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        done = await engine.wait(run.run_id, timeout=SAFETY)
+    assert done.status == "succeeded"
+    assert done.output == 4
+    assert calls == {"first": 1, "second": 2, "third": 1}
+    for i in range(3):
+        assert len(succeeded_rows(db, run.run_id, i)) == 1
+
+
+async def test_cancel_unknown_run(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[quoting]) as engine:
+        with pytest.raises(ws.RunNotFound):
+            await engine.cancel("no-such-run")
+
+
+# -- many runs --------------------------------------------------------------------------------
+
+
+@ws.stage
+async def step1(n: int) -> int:
+    await anyio.lowlevel.checkpoint()
+    return n + 1
+
+
+@ws.stage
+async def step2(step1: int) -> int:
+    await anyio.lowlevel.checkpoint()
+    return step1 + 1
+
+
+@ws.stage
+def step3(step2: int) -> int:
+    return step2 + 1
+
+
+@ws.stage
+async def step4(step3: int, ctx: ws.StageContext) -> int:
+    assert ctx.results["step1"] + 2 == step3
+    return step3 + 1
+
+
+@ws.stage
+async def step5(step4: int, n: int) -> int:
+    assert step4 == n + 4
+    return step4 + 1
+
+
+async def test_many_concurrent_runs(db: Path) -> None:
+    p = ws.Pipeline("many", [step1, step2, step3, step4, step5])
+    n_runs = 200
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        with anyio.fail_after(120):
+            runs = await asyncio.gather(*(engine.start(p, {"n": i}) for i in range(n_runs)))
+        assert len(await engine.list(status="succeeded", limit=1000)) == n_runs
+    assert [r.status for r in runs] == ["succeeded"] * n_runs
+    assert [r.output for r in runs] == [i + 5 for i in range(n_runs)]
+    assert len({r.run_id for r in runs}) == n_runs
+    with closing(sqlite3.connect(db)) as conn:
+        counts = conn.execute(
+            "SELECT run_id, stage_index, COUNT(*) FROM transitions WHERE event = 'succeeded' "
+            "GROUP BY run_id, stage_index"
+        ).fetchall()
+        bad = conn.execute(
+            "SELECT COUNT(*) FROM transitions WHERE event IN ('failed', 'retrying', 'recovered')"
+        ).fetchone()[0]
+        statuses = conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+    assert len(counts) == n_runs * 5
+    assert {c for _, _, c in counts} == {1}
+    assert {i for _, i, _ in counts} == {0, 1, 2, 3, 4}
+    assert bad == 0
+    assert statuses == [("succeeded", n_runs)]

@@ -1,0 +1,464 @@
+"""The command line, driven as a person would: `python -m waystation ...` in a new process,
+against a real SQLite file. Runs are set up (and checked) in-process with the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+import waystation as ws
+from waystation import migrations
+from waystation.cli import timeline
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_MODULE = "ws_cli_test_app"
+APP = """
+import asyncio
+
+import msgspec
+
+import waystation as ws
+
+
+class Decision(msgspec.Struct):
+    approved: bool
+    by: str
+
+
+@ws.stage
+async def check(amount: float) -> float:
+    if amount < 0:
+        raise ValueError("a negative amount")
+    return round(amount * 1.2, 2)
+
+
+approval = ws.gate("approval", schema=Decision, reason="approve this expense?")
+
+
+@ws.stage
+def pay(check: float, approval: Decision) -> str:
+    return f"paid {check} (approved by {approval.by})" if approval.approved else "rejected"
+
+
+expenses = ws.Pipeline("expenses", [check, approval, pay])
+
+
+@ws.stage
+async def forever(n: int) -> int:
+    await asyncio.sleep(3600)
+    return n
+
+
+slow = ws.Pipeline("slow", [forever])
+
+pipelines = [expenses, slow]
+"""
+
+
+@pytest.fixture(scope="module")
+def app_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("app")
+    (path / f"{APP_MODULE}.py").write_text(APP)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(app_dir: Path) -> Iterator[ModuleType]:
+    """The app module, imported here under the name the CLI imports it by (`--app`)."""
+    sys.path.insert(0, str(app_dir))
+    try:
+        yield importlib.import_module(APP_MODULE)
+    finally:
+        sys.path.remove(str(app_dir))
+        sys.modules.pop(APP_MODULE, None)
+
+
+class Cli:
+    def __init__(self, db: Path, app_dir: Path) -> None:
+        self.db = db
+        self.app_dir = app_dir
+
+    def __call__(
+        self, *args: str, db: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.app_dir), str(ROOT)])}
+        environ.pop("WAYSTATION_DB", None)
+        environ.update(env or {})
+        command = [sys.executable, "-m", "waystation"]
+        if "WAYSTATION_DB" not in environ:
+            command += ["--db", str(db or self.db)]
+        return subprocess.run(
+            [*command, *args],
+            cwd=self.db.parent,
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def cli(db: Path, app_dir: Path) -> Cli:
+    return Cli(db, app_dir)
+
+
+def start(db: Path, app: ModuleType, amount: float = 10.0) -> ws.Run:
+    async def go() -> ws.Run:
+        async with ws.Engine.open(db, pipelines=app.pipelines) as engine:
+            return await engine.start(app.expenses, {"amount": amount})
+
+    return asyncio.run(go())
+
+
+def look(db: Path, run_id: str) -> tuple[ws.Run, list[ws.Transition]]:
+    async def go() -> tuple[ws.Run, list[ws.Transition]]:
+        async with ws.Engine.open(db, recover=False) as engine:
+            return await engine.get(run_id), await engine.history(run_id)
+
+    return asyncio.run(go())
+
+
+def test_runs_show_and_history_of_a_paused_run(cli: Cli, db: Path, app: ModuleType) -> None:
+    first = start(db, app, 1.0)
+    run = start(db, app, 10.0)
+    assert run.status == "paused"
+
+    out = cli("runs")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    header = ["RUN", "ID", "PIPELINE", "VERSION", "STATUS", "STAGE", "PAUSE", "UPDATED"]
+    assert lines[0].split() == header
+    assert [line.split()[0] for line in lines[1:]] == [first.run_id, run.run_id]
+    assert lines[2].split()[1:6] == ["expenses", "1", "paused", "approval", "approval"]
+    newest = cli("runs", "--status", "paused", "--pipeline", "expenses", "--limit", "1")
+    assert [line.split()[0] for line in newest.stdout.splitlines()[1:]] == [run.run_id]
+    assert cli("runs", "--status", "failed").stdout.strip() == "no runs match"
+    listed = json.loads(cli("runs", "--json").stdout)
+    assert [r["run_id"] for r in listed] == [first.run_id, run.run_id]
+    assert listed[1]["pause"]["kind"] == "approval"
+
+    out = cli("show", run.run_id)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "status     paused" in text
+    assert 'input      {"amount":10.0}' in text
+    assert "approval at stage 'approval' (#1)" in text
+    assert "approve this expense?" in text
+    assert '"approved"' in text and '"boolean"' in text  # the JSON schema of the answer
+    timeline_rows = text.split("timeline\n", 1)[1].splitlines()
+    assert timeline_rows[1].split()[:2] == ["0", "check"]
+    assert timeline_rows[1].split()[-1] == "succeeded"
+    assert timeline_rows[2].split()[:2] == ["1", "approval"]
+    assert "paused: waiting for approval" in timeline_rows[2]
+    shown = json.loads(cli("show", run.run_id, "--json").stdout)
+    assert shown["run"]["status"] == "paused"
+    assert shown["run"]["pause"]["schema_ref"] == f"{APP_MODULE}:Decision"
+    assert [(s["stage"], s["outcome"]) for s in shown["timeline"]] == [
+        ("check", "succeeded"),
+        ("approval", "paused"),
+    ]
+
+    out = cli("history", run.run_id)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert [(r[0], r[2]) for r in rows] == [
+        ("1", "created"),
+        ("2", "started"),
+        ("3", "succeeded"),
+        ("4", "started"),
+        ("5", "paused"),
+    ]
+    assert out.stdout.splitlines()[-1].endswith("approval: approve this expense?")
+    journal = json.loads(cli("history", run.run_id, "--json").stdout)
+    assert [t["event"] for t in journal] == ["created", "started", "succeeded", "started", "paused"]
+    assert journal[2]["payload"] == 12.0
+
+
+def test_resume_with_app_continues_the_run_in_that_process(
+    cli: Cli, db: Path, app: ModuleType
+) -> None:
+    run = start(db, app)
+    answer = json.dumps({"approved": True, "by": "bob"})
+    out = cli("resume", run.run_id, "--input", answer, "--app", f"{APP_MODULE}:pipelines")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"run {run.run_id} succeeded",
+        'output: "paid 12.0 (approved by bob)"',
+    ]
+    after, history = look(db, run.run_id)
+    assert after.status == "succeeded" and after.output == "paid 12.0 (approved by bob)"
+    assert "recovered" not in [t.event for t in history]
+    assert cli("runs", "--status", "succeeded").stdout.count(run.run_id) == 1
+
+    shown = cli("show", run.run_id).stdout
+    assert "waited" in shown and "for approval" in shown
+    assert shown.rstrip().splitlines()[-1].strip().startswith("succeeded in ")
+    again = cli("resume", run.run_id, "--input", answer, "--app", f"{APP_MODULE}:expenses")
+    assert again.returncode == 1
+    assert again.stderr.startswith(f"error: run {run.run_id} is succeeded, not paused")
+
+
+def test_resume_reads_the_answer_from_stdin_and_prints_json(
+    cli: Cli, db: Path, app: ModuleType, tmp_path: Path
+) -> None:
+    run = start(db, app)
+    answer = tmp_path / "answer.json"
+    answer.write_text('{"approved": false, "by": "eve"}')
+    out = cli("resume", run.run_id, "--input", f"@{answer}", "--app", f"{APP_MODULE}:pipelines")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f'run {run.run_id} succeeded\noutput: "rejected"'
+    second = start(db, app)
+    out = cli(
+        "resume", second.run_id, "--input", "@missing.json", "--app", f"{APP_MODULE}:pipelines"
+    )
+    assert out.returncode == 2 and "cannot read the file" in out.stderr
+
+
+def test_resume_without_app_leaves_the_run_to_a_worker(cli: Cli, db: Path, app: ModuleType) -> None:
+    run = start(db, app)
+    out = cli("resume", run.run_id, "--input", '{"approved": true, "by": "bob"}', "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "pending"
+
+    async def work() -> ws.Run:
+        async with ws.Engine.open(db, pipelines=app.pipelines) as engine:
+            return await engine.wait(run.run_id, timeout=10)
+
+    assert asyncio.run(work()).output == "paid 12.0 (approved by bob)"
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ('{"approved": tru', "--input is not valid JSON"),
+        ("", "--input is not valid JSON"),
+        ('{"approved": "yes", "by": "bob"}', "does not match its schema"),
+        ('{"approved": true}', "missing required field `by`"),
+    ],
+)
+def test_resume_with_a_bad_answer_exits_2_and_changes_nothing(
+    cli: Cli, db: Path, app: ModuleType, answer: str, message: str
+) -> None:
+    run = start(db, app)
+    _, before = look(db, run.run_id)
+    out = cli("resume", run.run_id, "--input", answer, "--app", f"{APP_MODULE}:pipelines")
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stdout == ""
+    after, history = look(db, run.run_id)
+    assert after.status == "paused" and after.pause == run.pause
+    assert history == before
+
+
+@pytest.mark.parametrize(
+    ("app_spec", "message"),
+    [
+        ("no_such_module:pipelines", "no module named 'no_such_module'"),
+        (f"{APP_MODULE}:nothing", "has no attribute 'nothing'"),
+        (f"{APP_MODULE}:check", "not a Pipeline or a list of Pipelines"),
+        (APP_MODULE, "expected MODULE:ATTR"),
+        (f"{APP_MODULE}:slow", "has no pipeline 'expenses' version '1'"),
+    ],
+)
+def test_resume_with_a_bad_app_exits_2_and_changes_nothing(
+    cli: Cli, db: Path, app: ModuleType, app_spec: str, message: str
+) -> None:
+    run = start(db, app)
+    out = cli("resume", run.run_id, "--input", '{"approved": true, "by": "x"}', "--app", app_spec)
+    assert out.returncode == 2
+    assert message in out.stderr
+    assert look(db, run.run_id)[0].status == "paused"
+
+
+def test_resume_drives_only_its_own_run(cli: Cli, db: Path, app: ModuleType) -> None:
+    """Runs left by a stopped engine are a worker's to take over, not the CLI's."""
+
+    async def strand() -> str:
+        async with ws.Engine.open(db, pipelines=app.pipelines) as engine:
+            run = await engine.submit(app.slow, {"n": 1})
+            await asyncio.sleep(0.05)
+            return run.run_id  # closing the engine interrupts `forever`: the run is unowned
+
+    run = start(db, app)  # (an engine that is a worker: start it before stranding a run)
+    stranded = asyncio.run(strand())
+    for command in (["runs"], ["show", stranded], ["history", stranded]):
+        assert cli(*command).returncode == 0
+    out = cli(
+        "resume",
+        run.run_id,
+        "--input",
+        '{"approved": true, "by": "bob"}',
+        "--app",
+        f"{APP_MODULE}:pipelines",
+    )
+    assert out.returncode == 0, out.stderr
+    left, history = look(db, stranded)
+    assert left.status == "running"
+    assert [t.event for t in history] == ["created", "started"]
+
+
+def test_show_a_failed_run(cli: Cli, db: Path, app: ModuleType) -> None:
+    run = start(db, app, -1.0)
+    assert run.status == "failed"
+    out = cli("show", run.run_id)
+    assert out.returncode == 0, out.stderr
+    assert "error      ValueError: a negative amount (stage 'check')" in out.stdout
+    traceback = out.stdout.split("traceback\n", 1)[1].split("\n\n", 1)[0]
+    assert f"{APP_MODULE}.py" in traceback and "in check" in traceback
+    assert "runner.py" not in traceback and "not shown" in traceback  # the engine's frames
+    assert "failed: ValueError: a negative amount" in out.stdout.split("timeline", 1)[1]
+    assert cli("runs").stdout.splitlines()[1].split()[3:5] == ["failed", "check"]
+
+
+def test_unknown_run_id_exits_1(cli: Cli, db: Path, app: ModuleType) -> None:
+    start(db, app)
+    for command in (
+        ["show", "no-such-run"],
+        ["history", "no-such-run"],
+        ["resume", "no-such-run", "--input", "{}", "--app", f"{APP_MODULE}:pipelines"],
+    ):
+        out = cli(*command)
+        assert out.returncode == 1, command
+        assert out.stderr == "error: no run with id 'no-such-run' in this database\n"
+        assert out.stdout == ""
+
+
+def test_missing_database_is_an_error_and_is_not_created(cli: Cli, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.db"
+    for command in (["runs"], ["show", "x"], ["history", "x"], ["resume", "x", "--input", "1"]):
+        out = cli(*command, db=missing)
+        assert out.returncode == 1, command
+        assert out.stderr.startswith(f"error: {missing}: no such database")
+    assert not missing.exists()
+
+
+def test_a_file_that_is_not_a_database(cli: Cli, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not the runs you are looking for\n" * 20)
+    foreign = tmp_path / "other.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    for path in (text, foreign):
+        for command in (["runs"], ["show", "x"], ["history", "x"], ["migrate"]):
+            out = cli(*command, db=path)
+            assert out.returncode == 1, (path, command, out.stderr)
+            assert out.stderr.startswith("error: ")
+            assert "not a waystation database" in out.stderr
+            assert "Traceback" not in out.stderr
+    assert text.read_text().startswith("these are not")
+    conn = sqlite3.connect(foreign)
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("customers",)]
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # left as it was
+
+
+def test_migrate_creates_and_reports_the_schema_version(cli: Cli, db: Path) -> None:
+    latest = migrations.migrations("sqlite")[-1].version
+    out = cli("migrate")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"{db}: schema version {latest} (migrated from 0)"
+    out = cli("migrate", "--json")
+    assert json.loads(out.stdout) == {"database": str(db), "schema_version": latest, "applied": 0}
+    assert cli("runs").stdout.strip() == "no runs"
+
+
+def test_read_commands_do_not_migrate(cli: Cli, db: Path) -> None:
+    db.touch()  # an empty file: SQLite takes it for an empty database
+    out = cli("runs")
+    assert out.returncode == 1
+    assert "run `waystation migrate`" in out.stderr
+    assert sqlite3.connect(db).execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+def test_db_defaults_to_the_environment(cli: Cli, db: Path, app: ModuleType) -> None:
+    run = start(db, app)
+    out = cli("runs", env={"WAYSTATION_DB": str(db)})
+    assert out.returncode == 0, out.stderr
+    assert run.run_id in out.stdout
+    out = cli("show", run.run_id, "--db", str(db), db=db.parent / "elsewhere.db")
+    assert out.returncode == 0, out.stderr  # --db after the command wins
+
+
+def test_console_script_and_version(cli: Cli) -> None:
+    out = cli("--version")
+    assert out.returncode == 0 and out.stdout.strip() == f"waystation {ws.__version__}"
+    script = Path(sys.executable).with_name("waystation")
+    if not script.exists():
+        pytest.skip("waystation is not installed as a script next to this python")
+    done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "resume" in done.stdout
+
+
+def _t(seq: int, event: str, stage: int | None, attempt: int = 1, at: float = 0.0) -> ws.Transition:
+    return ws.Transition(
+        run_id="r",
+        seq=seq,
+        stage_index=stage,
+        stage_path=None if stage is None else f"s{stage}",
+        event=event,
+        attempt=attempt,
+        payload={"kind": "approval"} if event == "paused" else None,
+        error=ws.StageError(type="OSError", message="boom") if event == "retrying" else None,
+        at=datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=at),
+    )
+
+
+def test_timeline_folds_the_journal_into_stages() -> None:
+    rows = [
+        _t(1, "created", None),
+        _t(2, "started", 0),
+        _t(3, "retrying", 0, 1, at=1),
+        _t(4, "succeeded", 0, 2, at=2),
+        _t(5, "started", 1, at=2),
+        _t(6, "paused", 1, at=2),
+        _t(7, "resumed", 1, 0, at=62),
+        _t(8, "succeeded", 1, at=62),
+        _t(9, "started", 2, at=62),
+        _t(10, "recovered", 2, 0, at=70),
+        _t(11, "failed", 2, at=71),
+        _t(12, "retried", 2, 0, at=80),
+        _t(13, "started", 2, at=80),
+    ]
+    spans = timeline(rows)
+    assert [(s.stage, s.outcome, s.attempts) for s in spans] == [
+        ("s0", "succeeded", 2),
+        ("s1", "succeeded", 1),
+        ("s2", "running", 2),
+    ]
+    assert spans[0].duration == 2 and spans[0].error is not None
+    assert spans[1].paused == 60 and spans[1].pause_kind == "approval"
+    assert spans[2].recovered == 1 and spans[2].retried == 1 and spans[2].ended_at is None
+
+
+def test_demo_runs_and_its_run_succeeds(tmp_path: Path) -> None:
+    db = tmp_path / "demo.db"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "expense_demo.py"), "--db", str(db)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ok: succeeded" in done.stdout
+    assert "does not match its schema" in done.stdout  # the malformed answer, refused
+
+    async def runs() -> list[ws.Run]:
+        async with ws.Engine.open(db, recover=False) as engine:
+            return await engine.list()
+
+    (run,) = asyncio.run(runs())
+    assert run.status == "succeeded"
+    assert run.output["status"] == "paid" and run.output["reference"].startswith("TX-")

@@ -1,0 +1,774 @@
+"""The `waystation` command: inspect runs, resume paused ones, migrate a database.
+
+    waystation --db runs.db runs [--status paused] [--pipeline NAME] [--limit N] [--json]
+    waystation --db runs.db show RUN_ID [--json]
+    waystation --db runs.db history RUN_ID [--json]
+    waystation --db runs.db resume RUN_ID --input JSON [--app MODULE:ATTR] [--json]
+    waystation --db runs.db migrate [--json]
+
+`--db` defaults to $WAYSTATION_DB, else `runs.db`. The reading commands never create the
+database, never migrate it and never take over runs (the engine is opened with
+`recover=False`), so they are safe to point at the database of a live service. `resume`
+with `--app` drives only the run it resumes, until it pauses again or finishes; without
+`--app` it records the answer and leaves the run to a worker engine that has its pipeline.
+
+Exit status: 0 done; 1 a waystation error (unknown run, not a database, run not paused, ...);
+2 bad usage or bad input (invalid JSON, an answer that does not match the pause's schema, an
+`--app` that cannot be imported): then nothing was changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import importlib
+import logging
+import os
+import re
+import shlex
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from . import __version__
+from .engine.engine import Engine
+from .engine.models import Run, StageError, Transition
+from .engine.pipeline import Pipeline
+from .errors import InvalidResumeInput, StoreError, WaystationError
+from .migrations import current_version
+from .store.sqlite import SQLiteStore
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+STATUSES = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
+
+
+class UsageError(Exception):
+    """The command line or its input is wrong; nothing was done (exit status 2)."""
+
+
+class StageSpan(msgspec.Struct, kw_only=True):
+    """One stage of a run as its journal tells it (the rows of `show`'s timeline)."""
+
+    stage_index: int
+    stage: str | None
+    started_at: datetime | None = None
+    """When the stage was first entered."""
+    ended_at: datetime | None = None
+    """When it succeeded, was skipped, failed or was cancelled; None while open."""
+    duration: float | None = None
+    """Seconds from start to end, time spent paused included."""
+    attempts: int = 0
+    """Attempts started (1 unless it was retried; 0 when skipped)."""
+    outcome: str = "running"
+    """succeeded, reused (copied by a replay), skipped, failed, paused, running or
+    cancelled."""
+    paused: float = 0.0
+    """Seconds spent waiting for an answer (closed pauses only)."""
+    pause_kind: str | None = None
+    recovered: int = 0
+    """How often another process took this stage over after its owner died."""
+    retried: int = 0
+    """How often the failed or cancelled run was retried at this stage."""
+    error: StageError | None = None
+    """Why it failed, or the last failed attempt before a retry."""
+
+
+def timeline(history: Sequence[Transition]) -> list[StageSpan]:
+    """Fold a run's journal into one `StageSpan` per stage it reached, in stage order."""
+    spans: dict[int, StageSpan] = {}
+    paused_since: dict[int, datetime] = {}
+    # `retry` of a failed run restarts a stage's attempt numbers at 1: count on from before.
+    offset: dict[int, int] = {}
+    for t in history:
+        i = t.stage_index
+        if i is None or t.event in ("created", "completed"):
+            continue
+        span = spans.get(i)
+        if span is None:
+            span = spans[i] = StageSpan(stage_index=i, stage=t.stage_path)
+        if span.stage is None:
+            span.stage = t.stage_path
+        if span.started_at is None:
+            span.started_at = t.at
+        event = t.event
+        attempt = offset.get(i, 0) + t.attempt
+        if event == "started":
+            span.attempts = max(span.attempts, attempt)
+            span.outcome = "running"
+        elif event == "retrying":
+            span.attempts = max(span.attempts, attempt + 1)
+            span.error = t.error
+            span.outcome = "running"
+        elif event == "retried":
+            offset[i] = span.attempts
+            span.retried += 1
+            span.ended_at = None
+            span.outcome = "running"
+        elif event == "reused":
+            span.ended_at = t.at
+            span.outcome = "reused"
+        elif event == "paused":
+            span.attempts = max(span.attempts, attempt)
+            span.outcome = "paused"
+            paused_since[i] = t.at
+            if isinstance(t.payload, dict):
+                kind = t.payload.get("kind")
+                span.pause_kind = kind if isinstance(kind, str) else None
+        elif event == "resumed":
+            since = paused_since.pop(i, None)
+            if since is not None:
+                span.paused += (t.at - since).total_seconds()
+            span.outcome = "running"
+        elif event == "recovered":
+            span.recovered += 1
+            span.outcome = "running"
+        elif event in ("succeeded", "skipped", "failed", "cancelled"):
+            span.ended_at = t.at
+            span.outcome = event
+            if event == "succeeded":
+                span.attempts = max(span.attempts, attempt)
+            elif event == "skipped":
+                span.attempts = 0
+            elif event == "failed":
+                span.attempts = max(span.attempts, attempt)
+                span.error = t.error
+    for span in spans.values():
+        if span.started_at is not None and span.ended_at is not None:
+            span.duration = (span.ended_at - span.started_at).total_seconds()
+    return [spans[i] for i in sorted(spans)]
+
+
+# -- formatting ---------------------------------------------------------------------------------
+
+
+def _local(at: datetime) -> datetime:
+    return at.astimezone()
+
+
+def _datetime(at: datetime) -> str:
+    return _local(at).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _clock(at: datetime | None, day: datetime) -> str:
+    """Time of day with milliseconds; with the date too when it is not `day`'s."""
+    if at is None:
+        return "-"
+    local = _local(at)
+    text = local.strftime("%H:%M:%S.%f")[:-3]
+    if local.date() != _local(day).date():
+        text = f"{local:%Y-%m-%d} {text}"
+    return text
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 0.01:
+        return f"{seconds * 1000:.1f}ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.2f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def _json(value: Any) -> str:
+    try:
+        return msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        return repr(value)
+
+
+def _short(text: str, width: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _error(err: StageError) -> str:
+    return f"{err.type}: {err.message}"
+
+
+_FRAME = re.compile(r'^  File "(.+?)", line \d+')
+_INTERNAL_FRAME = re.compile(
+    r"[\\/](?:waystation[\\/](?:engine|store)|anyio|tenacity|asyncio|concurrent)[\\/]"
+)
+
+
+def _user_traceback(text: str) -> list[str]:
+    """A stored traceback without the frames of the engine, anyio, tenacity and asyncio."""
+    out: list[str] = []
+    hidden = 0
+    skipping = False
+    for line in text.rstrip().splitlines():
+        frame = _FRAME.match(line)
+        if frame is not None:
+            skipping = _INTERNAL_FRAME.search(frame[1]) is not None
+            hidden += skipping
+        elif not (skipping and line.startswith("    ")):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    if hidden:
+        out.append(f"({hidden} frames of waystation, anyio, tenacity or asyncio not shown)")
+    return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
+    widths = [len(h) for h in header]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = []
+    for row in (header, *rows):
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=True)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _print_json(value: Any) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value), indent=2).decode())
+
+
+def _stage_of(run: Run) -> str:
+    if run.stage_name is not None:
+        return run.stage_name
+    if run.error is not None and run.error.stage_name is not None:
+        return run.error.stage_name
+    if run.status == "succeeded":
+        return "-"
+    return f"#{run.stage_index}"
+
+
+# -- opening the database -----------------------------------------------------------------------
+
+
+class _VerifyingStore(SQLiteStore):
+    """A SQLite store that verifies the schema instead of migrating it (for reading)."""
+
+    async def open(self, *, migrate: bool = False) -> None:
+        await super().open(migrate=migrate)
+
+
+def _require_database(path: str) -> None:
+    if not os.path.exists(path):
+        raise StoreError(
+            f"{path}: no such database (pass --db PATH or set WAYSTATION_DB; "
+            "`waystation migrate` creates one)"
+        )
+    if os.path.isdir(path):
+        raise StoreError(f"{path} is a directory, not a database file")
+    # Refuse a foreign file before the store opens it: opening switches it to WAL mode.
+    _schema_version(path)
+
+
+@contextlib.asynccontextmanager
+async def _reading(path: str) -> AsyncIterator[Engine]:
+    """An engine that only reads: no migration, no recovery, no pipelines."""
+    _require_database(path)
+    async with Engine.open(_VerifyingStore(path), recover=False) as engine:
+        yield engine
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+async def _list_runs(path: str, status: str | None, pipeline: str | None, limit: int) -> list[Run]:
+    async with _reading(path) as engine:
+        if limit <= 0:
+            return [run async for run in engine.iter_runs(status=status, pipeline=pipeline)]
+        # Run ids sort by creation time; the store pages oldest first, we keep the newest.
+        newest: collections.deque[Run] = collections.deque(maxlen=limit)
+        async for run in engine.iter_runs(status=status, pipeline=pipeline):
+            newest.append(run)
+        return list(newest)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    path: str = args.db
+    runs = asyncio.run(_list_runs(path, args.status, args.pipeline, args.limit))
+    if args.json:
+        _print_json(runs)
+        return EXIT_OK
+    if not runs:
+        print("no runs" + (" match" if args.status or args.pipeline else ""))
+        return EXIT_OK
+    rows = [
+        [
+            run.run_id,
+            run.pipeline,
+            run.pipeline_version,
+            run.status,
+            _stage_of(run),
+            run.pause.kind if run.pause is not None else "-",
+            _datetime(run.updated_at),
+        ]
+        for run in runs
+    ]
+    header = ["RUN ID", "PIPELINE", "VERSION", "STATUS", "STAGE", "PAUSE", "UPDATED"]
+    print("\n".join(_table(header, rows)))
+    return EXIT_OK
+
+
+# -- show ---------------------------------------------------------------------------------------
+
+
+async def _load(path: str, run_id: str) -> tuple[Run, list[Transition]]:
+    async with _reading(path) as engine:
+        run = await engine.get(run_id)
+        return run, await engine.history(run_id)
+
+
+def _describe(run: Run, path: str) -> list[str]:
+    """The run's fields, one per line: status, input, output or error, the open pause."""
+    out: list[str] = []
+
+    def field(name: str, value: str) -> None:
+        out.append(f"{name:<10} {value}")
+
+    field("run", run.run_id)
+    field("pipeline", f"{run.pipeline} (version {run.pipeline_version})")
+    field("status", run.status + (" (cancel requested)" if run.cancel_requested else ""))
+    field("created", _datetime(run.created_at))
+    field("updated", _datetime(run.updated_at))
+    if run.parent_run_id is not None:
+        field("parent", run.parent_run_id)
+    replay_of = getattr(run, "replay_of", None)
+    if replay_of is not None:
+        field("replay of", str(replay_of))
+    if run.idempotency_key is not None:
+        field("key", run.idempotency_key)
+    text = _json(run.input)
+    if len(text) > 2000:
+        text = f"{text[:2000]}… ({len(text) - 2000} more characters; see --json)"
+    field("input", text)
+    if run.status == "succeeded":
+        field("output", _json(run.output))
+    if run.error is not None:
+        where = f" (stage {run.error.stage_name!r})" if run.error.stage_name else ""
+        field("error", _error(run.error) + where)
+        if run.error.traceback:
+            out.append("traceback")
+            out.extend("  " + line for line in _user_traceback(run.error.traceback))
+    pause = run.pause
+    if pause is not None:
+        waiting = time.time() - pause.created_at if pause.created_at else None
+        field(
+            "pause",
+            f"{pause.kind} at stage {pause.stage_name!r} (#{pause.stage_index}), "
+            f"waiting {_duration(waiting)}",
+        )
+        if pause.reason:
+            field("  reason", pause.reason)
+        field("  id", pause.pause_id + ("" if pause.gate else " (ctx.pause: the stage re-runs)"))
+        waiter = getattr(pause, "run_id", None)
+        if waiter is not None and waiter != run.run_id:
+            field("  run", f"{waiter} (the child run that waits; resuming either answers it)")
+        schema = msgspec.json.format(msgspec.json.encode(pause.schema), indent=2).decode()
+        lines = schema.splitlines()
+        field("  schema", lines[0])
+        out.extend(" " * 11 + line for line in lines[1:])
+        command = shlex.join(["waystation", "--db", path, "resume", run.run_id, "--input"])
+        field("  resume", f"{command} JSON [--app MODULE:ATTR]")
+    return out
+
+
+def _timeline_lines(run: Run, spans: list[StageSpan], history: list[Transition]) -> list[str]:
+    rows = []
+    for span in spans:
+        outcome = span.outcome
+        if outcome == "running" and run.status == "pending" and span is spans[-1]:
+            outcome = "pending: answered; a worker engine continues it"
+        elif outcome == "paused":
+            outcome = f"paused: waiting for {span.pause_kind or 'an answer'}"
+        elif outcome == "failed" and span.error is not None:
+            outcome = f"failed: {_short(_error(span.error), 60)}"
+        notes = []
+        if span.paused:
+            notes.append(f"waited {_duration(span.paused)} for {span.pause_kind or 'an answer'}")
+        if span.attempts > 1 and span.outcome != "failed" and span.error is not None:
+            notes.append(f"after {_short(_error(span.error), 40)}")
+        if span.recovered:
+            notes.append(f"recovered {span.recovered}x after a crash")
+        if span.retried:
+            notes.append(f"run retried {span.retried}x here")
+        if notes:
+            outcome += f" ({'; '.join(notes)})"
+        rows.append(
+            [
+                str(span.stage_index),
+                span.stage or "-",
+                _clock(span.started_at, run.created_at),
+                _clock(span.ended_at, run.created_at),
+                _duration(span.duration),
+                str(span.attempts) if span.attempts else "-",
+                outcome,
+            ]
+        )
+    header = ["#", "STAGE", "STARTED", "ENDED", "DURATION", "ATTEMPTS", "OUTCOME"]
+    out = ["timeline", *_table(header, rows, indent="  ")]
+    if run.done and history:
+        total = (history[-1].at - history[0].at).total_seconds()
+        out.append(f"  {run.status} in {_duration(total)}")
+    return out
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    path: str = args.db
+    run, history = asyncio.run(_load(path, args.run_id))
+    spans = timeline(history)
+    if args.json:
+        _print_json({"run": run, "timeline": spans})
+    else:
+        print("\n".join([*_describe(run, path), "", *_timeline_lines(run, spans, history)]))
+    return EXIT_OK
+
+
+# -- history ------------------------------------------------------------------------------------
+
+
+def _detail(t: Transition) -> str:
+    payload = t.payload
+    if t.event == "paused" and isinstance(payload, dict):
+        reason = payload.get("reason")
+        return f"{payload.get('kind')}" + (f": {reason}" if reason else "")
+    if t.event == "recovered" and isinstance(payload, dict):
+        return f"taken over from {payload.get('previous_owner') or 'a stopped engine'}"
+    if t.event == "retrying" and t.error is not None:
+        wait = payload.get("wait") if isinstance(payload, dict) else None
+        suffix = f"; retry in {_duration(wait)}" if isinstance(wait, int | float) else ""
+        return _short(_error(t.error), 70) + suffix
+    if t.error is not None:
+        return _error(t.error)
+    if payload is None:
+        return ""
+    return _json(payload)
+
+
+async def _history(path: str, run_id: str) -> list[Transition]:
+    async with _reading(path) as engine:
+        return await engine.history(run_id)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    path: str = args.db
+    history = asyncio.run(_history(path, args.run_id))
+    if args.json:
+        _print_json(history)
+        return EXIT_OK
+    day = history[0].at if history else datetime.now(UTC)
+    rows = [
+        [
+            str(t.seq),
+            _clock(t.at, day),
+            t.event,
+            t.stage_path or (f"#{t.stage_index}" if t.stage_index is not None else "-"),
+            str(t.attempt) if t.attempt else "-",
+            _short(_detail(t)),
+        ]
+        for t in history
+    ]
+    print(f"run {args.run_id} (times on {_local(day):%Y-%m-%d} unless dated)")
+    print("\n".join(_table(["SEQ", "TIME", "EVENT", "STAGE", "ATTEMPT", "DETAIL"], rows)))
+    return EXIT_OK
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
+def _read_input(text: str) -> Any:
+    """The resume value: JSON text, `@file` for a file's content, `-` for stdin."""
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise UsageError(f"--input {text}: cannot read the file: {exc}") from exc
+    try:
+        return msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise UsageError(
+            f"--input is not valid JSON ({exc}): {_short(text, 60)!r}; "
+            """quote it for the shell, e.g. --input '{"approved": true}'"""
+        ) from exc
+
+
+def load_app(spec: str) -> list[Pipeline]:
+    """Import `module:attr` (attr may be dotted): a Pipeline or a list/tuple of Pipelines.
+
+    The current directory is importable, as with `python -m`.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--app {spec!r}: expected MODULE:ATTR, e.g. --app myapp.flows:pipelines")
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only a missing app module is a usage error; a missing import inside it is a bug
+        # the traceback should show.
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise
+        raise UsageError(
+            f"--app {spec}: no module named {exc.name!r} (is its directory on PYTHONPATH? "
+            f"the current directory is {cwd})"
+        ) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise UsageError(f"--app {spec}: {module_name} has no attribute {attr!r}") from None
+    if isinstance(obj, Pipeline):
+        return [obj]
+    if isinstance(obj, list | tuple) and obj and all(isinstance(p, Pipeline) for p in obj):
+        return list(obj)
+    raise UsageError(
+        f"--app {spec}: {attr} is {type(obj).__name__}, not a Pipeline or a list of Pipelines"
+    )
+
+
+async def _resume(
+    path: str,
+    app: str | None,
+    pipelines: list[Pipeline],
+    run_id: str,
+    value: Any,
+    pause_id: str | None,
+    timeout: float | None,
+) -> Run:
+    _require_database(path)
+    # recover=False: this process drives the run it resumes, never other processes' runs.
+    async with Engine.open(path, pipelines=pipelines, recover=False) as engine:
+        if app is not None:
+            run = await engine.get(run_id)
+            if not any(
+                p.name == run.pipeline and p.version == run.pipeline_version for p in pipelines
+            ):
+                have = ", ".join(f"{p.name} v{p.version}" for p in pipelines)
+                raise UsageError(
+                    f"--app {app} has no pipeline {run.pipeline!r} version "
+                    f"{run.pipeline_version!r}, which run {run_id} belongs to (it has: {have}); "
+                    "leave out --app to record the answer for a worker engine to continue"
+                )
+        try:
+            return await engine.resume(run_id, value, pause_id=pause_id, timeout=timeout)
+        except TimeoutError:
+            raise WaystationError(
+                f"run {run_id} was resumed but did not settle within {timeout}s; it is still "
+                "running, and a worker engine (Engine.open with recover=True) continues it"
+            ) from None
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    path: str = args.db
+    app: str | None = args.app
+    value = _read_input(args.input)
+    pipelines = load_app(app) if app is not None else []
+    run = asyncio.run(
+        _resume(path, app, pipelines, args.run_id, value, args.pause_id, args.timeout)
+    )
+    if args.json:
+        _print_json(run)
+        return EXIT_OK
+    line = f"run {run.run_id} {run.status}"
+    if run.status == "paused" and run.pause is not None:
+        reason = f": {run.pause.reason}" if run.pause.reason else ""
+        line += f" again, at stage {run.pause.stage_name!r} waiting for {run.pause.kind}{reason}"
+    elif run.status == "failed" and run.error is not None:
+        line += f" at stage {run.error.stage_name!r}: {_error(run.error)}"
+    elif app is None and not run.done:
+        line += (
+            f": the answer is recorded; a worker engine with pipeline {run.pipeline!r} "
+            f"version {run.pipeline_version!r} continues the run"
+        )
+    print(line)
+    if run.status == "succeeded":
+        print(f"output: {_json(run.output)}")
+    return EXIT_OK
+
+
+# -- migrate ------------------------------------------------------------------------------------
+
+
+def _schema_version(path: str) -> int:
+    if not os.path.exists(path) or os.path.isdir(path):
+        return 0
+    try:
+        conn = sqlite3.connect(path)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open: {exc}") from exc
+    try:
+        return current_version(conn)
+    except StoreError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+async def _migrate(path: str) -> None:
+    store = SQLiteStore(path)
+    await store.open()
+    await store.close()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    path: str = args.db
+    before = _schema_version(path)
+    asyncio.run(_migrate(path))
+    after = _schema_version(path)
+    if args.json:
+        _print_json({"database": path, "schema_version": after, "applied": after - before})
+    elif after == before:
+        print(f"{path}: schema version {after}, up to date")
+    else:
+        print(f"{path}: schema version {after} (migrated from {before})")
+    return EXIT_OK
+
+
+# -- the parser ---------------------------------------------------------------------------------
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 (no limit) or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `waystation` command."""
+    parser = argparse.ArgumentParser(
+        prog="waystation",
+        description="Inspect, resume and migrate waystation runs in a SQLite database.",
+        epilog="Exit status: 0 ok, 1 waystation error, 2 bad usage or input (nothing changed).",
+    )
+    db_help = "the database file (default: $WAYSTATION_DB, else runs.db)"
+    parser.add_argument("--db", default=os.environ.get("WAYSTATION_DB") or "runs.db", help=db_help)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    parser.add_argument("--version", action="version", version=f"waystation {__version__}")
+    # --db and -v are accepted after the command too (`waystation show ID --db x.db`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--db", default=argparse.SUPPRESS, help=db_help)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=text, description=text)
+        sub.set_defaults(func=func)
+        return sub
+
+    runs = command("runs", cmd_runs, "list runs, most recent last")
+    runs.add_argument("--status", choices=STATUSES, help="only runs in this status")
+    runs.add_argument("--pipeline", metavar="NAME", help="only runs of this pipeline")
+    runs.add_argument(
+        "--limit",
+        type=_count,
+        default=50,
+        metavar="N",
+        help="show the N most recent matching runs (default 50; 0 for all)",
+    )
+    runs.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    show = command("show", cmd_show, "a run: status, input, output or error, pause, timeline")
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    history = command("history", cmd_history, "a run's journal, one line per transition")
+    history.add_argument("run_id", metavar="RUN_ID")
+    history.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    resume = command(
+        "resume", cmd_resume, "answer a paused run; with --app, drive it until it pauses or ends"
+    )
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument(
+        "--input",
+        required=True,
+        metavar="JSON",
+        help="the answer, as JSON (`@FILE` reads it from a file, `-` from stdin)",
+    )
+    resume.add_argument(
+        "--app",
+        metavar="MODULE:ATTR",
+        help="the run's pipeline (a Pipeline or a list of Pipelines), to continue the run in "
+        "this process; without it the answer is recorded and a worker engine continues it",
+    )
+    resume.add_argument("--pause-id", help="resume only if this pause is the open one")
+    resume.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="stop waiting after this long (the run goes on in the next engine)",
+    )
+    resume.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    migrate = command("migrate", cmd_migrate, "create the database or bring its schema up to date")
+    migrate.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (UsageError, InvalidResumeInput) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except WaystationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`waystation runs | head`): stop quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""`ChildRunner`: the one kernel through which every child run is launched.
+
+`ctx.run_child`, a pipeline used as a stage, `branch`, `loop` and `map_children` all come
+here, so linkage (parent, root, kind, depth), budgets, deterministic keys and waiting behave
+the same for all of them. A child's key is (parent run, stage, attempt, call order): a parent
+stage that runs again after a crash, a pause or a resume finds its children by key and gets
+the finished ones' outputs back instead of launching them again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from .._ids import new_run_id
+from ..errors import BudgetExceeded, ChildFailed
+from ..store import codec
+from ..store.base import NewRun, NewTransition, RunRecord
+from .context import PauseSignal, StageContext
+from .models import Pause, StageError
+from .pipeline import Pipeline
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .runner import Driver
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits over a whole tree of runs. Set on the Engine; a pipeline may override them
+    for the children its stages launch."""
+
+    max_depth: int = 8
+    """How deep children may nest (the root is depth 0)."""
+    max_total_stages: int = 10_000
+    """Stage executions (attempts included) over the whole tree."""
+    max_children: int | None = None
+    """Child runs one stage execution may launch."""
+
+
+class ChildRunner:
+    """Launches, finds and waits for child runs on behalf of a parent's driver."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.tree_stages: dict[str, int] = {}
+        """Stage executions per root, counted here for trees that have children."""
+
+    # -- launching ---------------------------------------------------------------------------
+
+    async def run(
+        self,
+        parent: Driver,
+        ctx: StageContext,
+        pipeline: Pipeline,
+        input: Any,
+        call: int,
+        kind: str,
+        *,
+        stage_outputs: bool = False,
+    ) -> Any:
+        """Launch (or find) the child for this call and wait for it to settle.
+
+        Returns its output (or, with `stage_outputs`, {stage name: output}). Raises
+        `ChildFailed`, `BudgetExceeded`, or a `PauseSignal` carrying the child's pause.
+        """
+        engine = self.engine
+        p = engine._ensure_registered(pipeline)
+        state = parent.state
+        limits = parent.pipeline.limits or engine.limits
+        chain = f"{state.chain} > {ctx.stage_name} > {p.name}[{call}]"
+        if state.depth + 1 > limits.max_depth:
+            raise BudgetExceeded(
+                f"max_depth {limits.max_depth} exceeded: launching depth {state.depth + 1} "
+                f"at {chain}"
+            )
+        if limits.max_children is not None and call + 1 > limits.max_children:
+            raise BudgetExceeded(
+                f"max_children {limits.max_children} exceeded: child #{call + 1} of stage "
+                f"{ctx.stage_name!r} at {chain}"
+            )
+        await self.count_stage(parent, launching=True)
+        text, typed = p.validate_input(input)
+        i = ctx.stage_index
+        key = f"child:{state.run_id}/{i}/{state.generations.get(i, 0)}.{ctx.attempt}/{call}"
+        child_id = new_run_id()
+        created, record = await engine.store.create_run(
+            NewRun(
+                run_id=child_id,
+                pipeline=p.name,
+                pipeline_version=p.version,
+                fingerprint=p.fingerprint,
+                status="running",
+                input=text,
+                root_run_id=state.root_run_id,
+                parent_run_id=state.run_id,
+                run_kind=kind,
+                depth=state.depth + 1,
+                idempotency_key=key,
+                lease_owner=engine.owner,
+                lease_expires=time.time() + engine.lease_ttl,
+                transitions=[
+                    NewTransition(
+                        "created",
+                        i,
+                        ctx.stage_name,
+                        payload=codec.encode(
+                            {
+                                "parent": state.run_id,
+                                "call": call,
+                                "chain": chain,
+                                "lineage": [*state.lineage, state.run_id],
+                            }
+                        ).decode(),
+                    ),
+                    NewTransition("started", 0, p.stages[0].name, 1),
+                ],
+            )
+        )
+        if created:
+            from .runner import RunState
+
+            child_state = RunState.fresh(p, child_id, typed)
+            child_state.root_run_id = state.root_run_id
+            child_state.depth = state.depth + 1
+            child_state.chain = chain
+            child_state.lineage = (*state.lineage, state.run_id)
+            engine._launch_new(p, child_state)
+        return await self._settle(parent, p, record.run_id, chain, stage_outputs)
+
+    async def _settle(
+        self, parent: Driver, p: Pipeline, child_id: str, chain: str, stage_outputs: bool
+    ) -> Any:
+        engine = self.engine
+        delay = 0.005
+        while True:
+            driver = engine._active.get(child_id)
+            if driver is not None:
+                async with parent.slot_released():
+                    await driver.done.wait()
+            record = await engine.store.get_run(child_id)
+            assert record is not None
+            if record.status == "succeeded":
+                if stage_outputs:
+                    return await self.stage_outputs(p, child_id)
+                return codec.decode(record.output, p.stages[-1].returns) if record.output else None
+            if record.status == "failed":
+                raise ChildFailed(_failure_chain(p, record, chain))
+            if record.status == "cancelled":
+                raise ChildFailed(f"{chain}: child run {child_id} was cancelled")
+            if record.status == "paused" and record.pause is not None:
+                pause = msgspec.json.decode(record.pause, type=Pause)
+                if pause.run_id is None:
+                    pause = msgspec.structs.replace(pause, run_id=child_id)
+                raise PauseSignal(pause.kind, Any, pause.reason, pause.number, child=pause)
+            if child_id not in engine._active:
+                # Driven by another engine, or waiting to be recovered: look again soon.
+                async with parent.slot_released():
+                    await anyio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+    async def stage_outputs(self, p: Pipeline, run_id: str) -> dict[str, Any]:
+        """The outputs of a finished run's stages, by stage name."""
+        out: dict[str, Any] = {}
+        for row in await self.engine.store.stage_results(run_id):
+            i = row.stage_index
+            if i is None or i >= len(p.stages):
+                continue
+            if row.event in ("succeeded", "reused") and row.payload is not None:
+                out[p.stages[i].name] = codec.decode(row.payload, p.stages[i].returns)
+            elif row.event == "skipped":
+                out[p.stages[i].name] = None
+        return out
+
+    async def cancel_calls(self, parent: Driver, ctx: StageContext, calls: list[int]) -> None:
+        """Cancel the children these calls launched that have not finished."""
+        state = parent.state
+        i = ctx.stage_index
+        for call in calls:
+            key = f"child:{state.run_id}/{i}/{state.generations.get(i, 0)}.{ctx.attempt}/{call}"
+            record = await self.engine.store.get_run_by_key(key)
+            if record is not None and record.status not in ("succeeded", "failed", "cancelled"):
+                with contextlib.suppress(Exception):
+                    await self.engine.cancel(record.run_id)
+
+    # -- budgets -----------------------------------------------------------------------------
+
+    async def count_stage(self, driver: Driver, *, launching: bool = False) -> None:
+        """Count one stage execution against the tree's `max_total_stages` (trees with
+        children only); raise `BudgetExceeded` past it."""
+        state = driver.state
+        root = state.root_run_id
+        counts = self.tree_stages
+        if root not in counts:
+            if not launching and state.depth == 0:
+                return
+            counts[root] = await self.engine.store.count_stage_executions(root)
+        elif not launching:
+            counts[root] += 1
+        limits = driver.pipeline.limits or self.engine.limits
+        if counts[root] > limits.max_total_stages:
+            raise BudgetExceeded(
+                f"max_total_stages {limits.max_total_stages} exceeded: {counts[root]} stage "
+                f"executions in the tree of {root} (at {state.chain})"
+            )
+
+    async def spend(self, driver: Driver, budget: str, amount: float) -> float:
+        """Add `amount` to the tree's named budget, refusing to pass its limit."""
+        if amount < 0:
+            raise ValueError("cannot spend a negative amount")
+        limit = (driver.pipeline.budgets or {}).get(budget, self.engine.budgets.get(budget))
+        total = await self.engine.store.spend(driver.state.root_run_id, budget, amount, limit)
+        if total is None:
+            raise BudgetExceeded(
+                f"budget {budget!r} exceeded: spending {amount:g} would pass its limit "
+                f"{limit:g} for the tree of {driver.state.root_run_id} (at {driver.state.chain})"
+            )
+        return total
+
+    def forget(self, root_run_id: str) -> None:
+        """Drop the in-memory count of a finished tree."""
+        self.tree_stages.pop(root_run_id, None)
+
+    # -- workspaces --------------------------------------------------------------------------
+
+    def workspace(self, driver: Driver) -> Path:
+        """The run's directory: root/<root id>/<child id>/... following the lineage."""
+        state = driver.state
+        parts = [*state.lineage, state.run_id]
+        path = self.engine.workspace_root.joinpath(*parts)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clean_workspace(self, run_id: str) -> None:
+        """Remove a finished root run's workspace (with its children's beneath it)."""
+        shutil.rmtree(self.engine.workspace_root / run_id, ignore_errors=True)
+
+
+def _failure_chain(p: Pipeline, record: RunRecord, chain: str) -> str:
+    if record.error is None:
+        return f"{chain}: failed"
+    error = msgspec.json.decode(record.error, type=StageError)
+    if error.type.endswith("ChildFailed"):
+        return error.message
+    short = error.type.rsplit(".", 1)[-1]
+    return f"{chain} > {error.stage_name}: {short}: {error.message}"
