@@ -3,6 +3,7 @@ against a real SQLite file. Runs are set up (and checked) in-process with the en
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib
 import json
@@ -19,12 +20,13 @@ import pytest
 
 import waystation as ws
 from waystation import migrations
-from waystation.cli import timeline
+from waystation.cli import _age, timeline
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_MODULE = "ws_cli_test_app"
 APP = """
 import asyncio
+import os
 
 import msgspec
 
@@ -62,7 +64,56 @@ async def forever(n: int) -> int:
 
 slow = ws.Pipeline("slow", [forever])
 
-pipelines = [expenses, slow]
+
+def _count(name: str) -> None:
+    path = os.environ.get("WS_CLI_COUNTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(name + "\\n")
+
+
+@ws.stage
+async def fetch(n: int) -> int:
+    _count("fetch")
+    return n * 10
+
+
+@ws.stage
+def publish(fetch: int) -> str:
+    _count("publish")
+    if os.environ.get("WS_CLI_BROKEN"):
+        raise RuntimeError("publish is broken")
+    return f"published {fetch}"
+
+
+report = ws.Pipeline("report", [fetch, publish])
+
+
+@ws.stage
+async def hold(n: int) -> int:
+    path = os.environ.get("WS_CLI_HOLD")
+    while path and not os.path.exists(path):
+        await asyncio.sleep(0.02)
+    return n
+
+
+@ws.stage
+async def after(hold: int) -> int:
+    _count("after")
+    return hold + 1
+
+
+held = ws.Pipeline("held", [hold, after])
+
+
+@ws.stage
+async def archive(expenses: str) -> str:
+    return f"archived: {expenses}"
+
+
+audit = ws.Pipeline("audit", [expenses, archive])  # expenses runs as a child run
+
+pipelines = [expenses, slow, report, held, audit]
 """
 
 
@@ -89,22 +140,40 @@ class Cli:
         self.db = db
         self.app_dir = app_dir
 
-    def __call__(
-        self, *args: str, db: Path | None = None, env: dict[str, str] | None = None
-    ) -> subprocess.CompletedProcess[str]:
+    def _command(
+        self, args: tuple[str, ...], db: Path | None, env: dict[str, str] | None
+    ) -> tuple[list[str], dict[str, str]]:
         environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.app_dir), str(ROOT)])}
         environ.pop("WAYSTATION_DB", None)
         environ.update(env or {})
         command = [sys.executable, "-m", "waystation"]
         if "WAYSTATION_DB" not in environ:
             command += ["--db", str(db or self.db)]
+        return [*command, *args], environ
+
+    def __call__(
+        self, *args: str, db: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        command, environ = self._command(args, db, env)
         return subprocess.run(
-            [*command, *args],
+            command,
             cwd=self.db.parent,
             env=environ,
             capture_output=True,
             text=True,
             timeout=60,
+        )
+
+    def spawn(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        """The command in the background (read its output with `communicate`)."""
+        command, environ = self._command(args, None, env)
+        return subprocess.Popen(
+            command,
+            cwd=self.db.parent,
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
 
@@ -127,6 +196,24 @@ def look(db: Path, run_id: str) -> tuple[ws.Run, list[ws.Transition]]:
             return await engine.get(run_id), await engine.history(run_id)
 
     return asyncio.run(go())
+
+
+def run_id_of(out: subprocess.CompletedProcess[str]) -> str:
+    """The run id from the first line a command printed: `run ID ...`."""
+    first = out.stdout.split("\n", 1)[0].split()
+    assert first[:1] == ["run"], (out.stdout, out.stderr)
+    return first[1]
+
+
+def table_rows(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("runs", "transitions")
+        }
+    finally:
+        conn.close()
 
 
 def test_runs_show_and_history_of_a_paused_run(cli: Cli, db: Path, app: ModuleType) -> None:
@@ -327,6 +414,9 @@ def test_unknown_run_id_exits_1(cli: Cli, db: Path, app: ModuleType) -> None:
         ["show", "no-such-run"],
         ["history", "no-such-run"],
         ["resume", "no-such-run", "--input", "{}", "--app", f"{APP_MODULE}:pipelines"],
+        ["retry", "no-such-run", "--app", f"{APP_MODULE}:pipelines"],
+        ["replay", "no-such-run", "--app", f"{APP_MODULE}:pipelines"],
+        ["cancel", "no-such-run"],
     ):
         out = cli(*command)
         assert out.returncode == 1, command
@@ -336,7 +426,17 @@ def test_unknown_run_id_exits_1(cli: Cli, db: Path, app: ModuleType) -> None:
 
 def test_missing_database_is_an_error_and_is_not_created(cli: Cli, tmp_path: Path) -> None:
     missing = tmp_path / "nope.db"
-    for command in (["runs"], ["show", "x"], ["history", "x"], ["resume", "x", "--input", "1"]):
+    start = ["start", "--app", f"{APP_MODULE}:pipelines", "expenses", "--input", '{"amount": 1}']
+    for command in (
+        ["runs"],
+        ["show", "x"],
+        ["history", "x"],
+        ["resume", "x", "--input", "1"],
+        start,
+        ["retry", "x", "--app", f"{APP_MODULE}:pipelines"],
+        ["cancel", "x"],
+        ["prune", "--older-than", "1d"],
+    ):
         out = cli(*command, db=missing)
         assert out.returncode == 1, command
         assert out.stderr.startswith(f"error: {missing}: no such database")
@@ -398,7 +498,382 @@ def test_console_script_and_version(cli: Cli) -> None:
     if not script.exists():
         pytest.skip("waystation is not installed as a script next to this python")
     done = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0 and "resume" in done.stdout
+    assert done.returncode == 0
+    for command in ("resume", "start", "retry", "replay", "cancel", "prune"):
+        assert command in done.stdout
+
+
+# -- start, retry, replay, cancel, prune --------------------------------------------------------
+
+
+def test_start_with_wait_exits_by_outcome(cli: Cli, db: Path, app: ModuleType) -> None:
+    cli("migrate")
+    expenses = f"{APP_MODULE}:pipelines"
+
+    out = cli("start", "--app", expenses, "expenses", "--input", '{"amount": 10}', "--wait")
+    assert out.returncode == 3, out.stderr
+    paused = run_id_of(out)
+    assert out.stdout.splitlines() == [
+        f"run {paused} started (expenses version 1)",
+        f"run {paused} paused at stage 'approval' waiting for approval: approve this expense?",
+    ]
+
+    out = cli("start", "--app", expenses, "expenses", "--input", '{"amount": -1}', "--wait")
+    assert out.returncode == 1, out.stderr
+    failed = run_id_of(out)
+    assert out.stdout.splitlines()[-1] == (
+        f"run {failed} failed at stage 'check': ValueError: a negative amount"
+    )
+    assert out.stderr == ""
+
+    out = cli("start", "--app", f"{APP_MODULE}:report", "report", "--input", '{"n": 2}', "--wait")
+    assert out.returncode == 0, out.stderr
+    succeeded = run_id_of(out)
+    assert out.stdout.splitlines()[1:] == [
+        f"run {succeeded} succeeded",
+        'output: "published 20"',
+    ]
+
+    out = cli("start", "--app", expenses, "report", "--input", '{"n": 4}', "--wait", "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["status"] == "succeeded" and shown["output"] == "published 40"
+
+    for run_id, status in [(paused, "paused"), (failed, "failed"), (succeeded, "succeeded")]:
+        run, history = look(db, run_id)
+        assert run.status == status
+        assert "recovered" not in [t.event for t in history]
+
+
+def test_start_without_wait_exits_0_and_drives_the_run_until_it_settles(
+    cli: Cli, db: Path, app: ModuleType
+) -> None:
+    cli("migrate")
+    app_spec = f"{APP_MODULE}:pipelines"
+    out = cli("start", "--app", app_spec, "expenses", "--input", '{"amount": -1}')
+    assert out.returncode == 0, out.stderr  # started; --wait would say how it ended
+    run_id = run_id_of(out)
+    assert out.stdout.splitlines()[0] == f"run {run_id} started (expenses version 1)"
+    run, history = look(db, run_id)
+    assert run.status == "failed"  # driven here to the end, not left half-run for a worker
+    assert [t.event for t in history] == ["created", "started", "failed"]
+
+    out = cli("start", "--app", app_spec, "expenses", "--input", '{"amount": 5}', "--json")
+    assert out.returncode == 0, out.stderr
+    created = json.loads(out.stdout)  # the run as created
+    assert created["status"] == "running" and created["input"] == {"amount": 5.0}
+    assert look(db, created["run_id"])[0].status == "paused"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["expenses", "--input", '{"amount": 1'], "--input is not valid JSON"),
+        (["expenses", "--input", '{"amount": "ten"}'], "Expected `float`, got `str`"),
+        (["expenses", "--input", "{}"], "missing required field `amount`"),
+        (["expenses"], "missing required field `amount`"),
+        (["expenses", "--input", "[1]"], "the input must be a mapping"),
+        (["nope", "--input", "{}"], "has no pipeline 'nope' (it has: expenses, slow"),
+        (["expenses", "--input", '{"amount": 1}', "--run-id", "no spaces"], "run id"),
+        (["expenses", "--input", '{"amount": 1}', "--idempotency-key", ""], "idempotency_key"),
+    ],
+)
+def test_start_with_bad_input_exits_2_and_writes_nothing(
+    cli: Cli, db: Path, app: ModuleType, args: list[str], message: str
+) -> None:
+    cli("migrate")
+    out = cli("start", "--app", f"{APP_MODULE}:pipelines", *args, "--wait")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stdout == ""
+    assert table_rows(db) == {"runs": 0, "transitions": 0}
+
+
+def test_start_is_idempotent_by_key_and_cancel_exits_4(cli: Cli, db: Path, app: ModuleType) -> None:
+    cli("migrate")
+    start_args = ["start", "--app", f"{APP_MODULE}:pipelines", "expenses"]
+    start_args += ["--input", '{"amount": 3}', "--idempotency-key", "order-7", "--wait"]
+    out = cli(*start_args)
+    assert out.returncode == 3, out.stderr
+    run_id = run_id_of(out)
+
+    again = cli(*start_args)
+    assert again.returncode == 3, again.stderr
+    assert again.stdout.splitlines()[0] == (
+        f"run {run_id} exists already with this idempotency key 'order-7': nothing was started"
+    )
+
+    out = cli("cancel", run_id)  # no --app needed
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"run {run_id} cancelled\n"
+    out = cli(*start_args)
+    assert out.returncode == 4, out.stderr
+    assert run_id_of(out) == run_id
+    assert out.stdout.splitlines()[-1] == f"run {run_id} cancelled at stage 'approval'"
+    assert table_rows(db)["runs"] == 1
+
+    out = cli("cancel", run_id)
+    assert out.returncode == 1
+    assert out.stderr == f"error: run {run_id} already cancelled; it cannot be cancelled\n"
+
+    out = cli(*start_args[:4], "--input", '{"amount": 3}', "--run-id", "expense-1", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["run_id"] == "expense-1"
+    out = cli("cancel", "expense-1", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["status"] == "cancelled"
+
+
+def test_cancel_a_run_that_another_process_drives(
+    cli: Cli, db: Path, app: ModuleType, tmp_path: Path
+) -> None:
+    cli("migrate")
+    counts = tmp_path / "counts.txt"
+    release = tmp_path / "release"
+    env = {"WS_CLI_HOLD": str(release), "WS_CLI_COUNTS": str(counts)}
+    starting = cli.spawn(
+        "start", "--app", f"{APP_MODULE}:held", "held", "--input", '{"n": 1}', "--wait", env=env
+    )
+    try:
+        assert starting.stdout is not None
+        run_id = starting.stdout.readline().split()[1]  # printed as soon as it started
+        assert look(db, run_id)[0].status == "running"  # in `hold`, until `release` exists
+        out = cli("cancel", run_id)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith(f"run {run_id} running, cancel requested: ")
+        release.touch()
+        rest, err = starting.communicate(timeout=30)
+    finally:
+        starting.kill()
+        starting.wait()
+    assert starting.returncode == 4, err
+    assert rest == f"run {run_id} cancelled at stage 'hold'\n"
+    assert look(db, run_id)[0].status == "cancelled"
+    assert not counts.exists()  # `after` never ran
+
+
+def test_start_timeout_leaves_the_run_to_a_worker(
+    cli: Cli, db: Path, app: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cli("migrate")
+    release = tmp_path / "release"
+    monkeypatch.setenv("WS_CLI_HOLD", str(release))
+    out = cli(
+        "start",
+        "--app",
+        f"{APP_MODULE}:held",
+        "held",
+        "--input",
+        '{"n": 7}',
+        "--wait",
+        "--timeout",
+        "0.3",
+    )
+    assert out.returncode == 1
+    run_id = run_id_of(out)
+    assert out.stderr == (
+        f"error: run {run_id} was started but did not settle within 0.3s; it is still "
+        "running, and a worker engine (Engine.open with recover=True) continues it\n"
+    )
+    assert look(db, run_id)[0].status == "running"
+    release.touch()
+
+    async def work() -> ws.Run:
+        async with ws.Engine.open(db, pipelines=app.pipelines) as engine:
+            return await engine.wait(run_id, timeout=10)
+
+    run = asyncio.run(work())
+    assert run.status == "succeeded" and run.output == 8
+
+
+def test_retry_and_replay_after_fixing_a_stage(
+    cli: Cli, db: Path, app: ModuleType, tmp_path: Path
+) -> None:
+    cli("migrate")
+    counts = tmp_path / "counts.txt"
+    report = f"{APP_MODULE}:report"
+    fixed = {"WS_CLI_COUNTS": str(counts)}
+    broken = {**fixed, "WS_CLI_BROKEN": "1"}
+
+    def executed() -> list[str]:
+        return counts.read_text().split()
+
+    out = cli("start", "--app", report, "report", "--input", '{"n": 2}', "--wait", env=broken)
+    assert out.returncode == 1, out.stderr
+    run_id = run_id_of(out)
+    assert "failed at stage 'publish': RuntimeError: publish is broken" in out.stdout
+    assert executed() == ["fetch", "publish"]
+
+    out = cli("retry", run_id, "--app", report, env=broken)  # not fixed yet
+    assert out.returncode == 1, out.stderr
+    assert out.stdout.splitlines() == [
+        f"run {run_id} retried at stage 'publish'",
+        f"run {run_id} failed at stage 'publish': RuntimeError: publish is broken",
+    ]
+    assert executed() == ["fetch", "publish", "publish"]
+
+    # The bug is fixed: replay forks a new run that reuses fetch's output.
+    out = cli("replay", run_id, "--app", f"{APP_MODULE}:pipelines", env=fixed)
+    assert out.returncode == 0, out.stderr
+    replay_id = run_id_of(out)
+    assert replay_id != run_id
+    assert out.stdout.splitlines() == [
+        f"run {replay_id} started: a replay of run {run_id} from stage 'publish', reusing "
+        "the output of fetch",
+        f"run {replay_id} succeeded",
+        'output: "published 20"',
+    ]
+    assert executed() == ["fetch", "publish", "publish", "publish"]  # fetch ran once
+    replay, history = look(db, replay_id)
+    assert replay.run_kind == "replay" and replay.replay_of == run_id
+    assert [(t.event, t.stage_path) for t in history][:2] == [
+        ("created", None),
+        ("reused", "fetch"),
+    ]
+    assert f"replay of  {run_id}\n" in cli("show", replay_id).stdout
+
+    # ... and retry continues the original run itself, at its failed stage.
+    out = cli("retry", run_id, "--app", report, "--json", env=fixed)
+    assert out.returncode == 0, out.stderr
+    retried = json.loads(out.stdout)
+    assert retried["run_id"] == run_id and retried["output"] == "published 20"
+    assert executed().count("fetch") == 1
+    assert "run retried 2x here" in cli("show", run_id).stdout
+
+    # From an earlier stage, with a new input: a new run again; nothing is reused.
+    out = cli(
+        "replay", run_id, "--app", report, "--from", "fetch", "--input", '{"n": 3}', env=fixed
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].endswith("from stage 'fetch'")
+    assert out.stdout.splitlines()[-1] == 'output: "published 30"'
+    assert executed().count("fetch") == 2
+
+    runs_before = table_rows(db)
+    for args, code, message in [
+        (["retry", run_id, "--app", report], 1, "only failed or cancelled runs can be retried"),
+        (["replay", run_id, "--app", report], 1, "say which stage to replay from"),
+        (["replay", run_id, "--app", report, "--from", "nope"], 2, "has no stage 'nope'"),
+        (["replay", run_id, "--app", report, "--from", "7"], 2, "not a stage index"),
+        (["replay", run_id, "--app", report, "--input", '{"n": "x"}'], 2, "invalid input"),
+        (["retry", run_id, "--app", f"{APP_MODULE}:held"], 2, "has no pipeline 'report'"),
+        (["replay", run_id, "--app", f"{APP_MODULE}:held"], 2, "has no pipeline 'report'"),
+    ]:
+        out = cli(*args, env=fixed)
+        assert out.returncode == code, (args, out.stderr)
+        assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
+    assert table_rows(db) == runs_before
+    assert executed().count("fetch") == 2
+
+
+def test_show_lists_the_tree_and_resume_by_the_child_finishes_the_parent(
+    cli: Cli, db: Path, app: ModuleType
+) -> None:
+    cli("migrate")
+    out = cli(
+        "start", "--app", f"{APP_MODULE}:audit", "audit", "--input", '{"amount": 5}', "--wait"
+    )
+    assert out.returncode == 3, out.stderr
+    parent_id = run_id_of(out)
+    (child,) = asyncio.run(_children(db, parent_id))
+    assert out.stdout.splitlines()[-1] == (
+        f"run {parent_id} paused at stage 'expenses' waiting for approval: approve this "
+        f"expense? (in child run {child.run_id}; resuming either answers it)"
+    )
+
+    out = cli("show", parent_id)
+    assert out.returncode == 0, out.stderr
+    tree = out.stdout.split("\ntree (2 runs)\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert tree[0].split() == ["RUN", "ID", "PIPELINE", "KIND", "STATUS", "STAGE", "PAUSE"]
+    assert tree[1].startswith(f"  {parent_id}  ")
+    assert tree[1].split()[1:] == ["audit", "root", "paused", "expenses", "approval"]
+    assert tree[2].startswith(f"    {child.run_id}  ")  # indented under its parent
+    assert tree[2].split()[1:] == ["expenses", "child", "paused", "approval", "approval"]
+    assert "timeline" in out.stdout  # still there, after the tree
+    shown = json.loads(cli("show", parent_id, "--json").stdout)
+    assert shown["tree"]["run"]["run_id"] == parent_id
+    assert [c["run"]["run_id"] for c in shown["tree"]["children"]] == [child.run_id]
+    assert "\ntree" not in cli("show", child.run_id).stdout  # no children: no tree
+    assert json.loads(cli("show", child.run_id, "--json").stdout)["tree"] is None
+
+    # Answer the child, with an --app that names only the parent's pipeline: the CLI
+    # continues the child and then the parent it wakes, before it closes its engine.
+    answer = '{"approved": true, "by": "kim"}'
+    out = cli("resume", child.run_id, "--input", answer, "--app", f"{APP_MODULE}:audit")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == f"run {child.run_id} succeeded"
+    parent, history = look(db, parent_id)
+    assert parent.status == "succeeded"
+    assert parent.output == "archived: paid 6.0 (approved by kim)"
+    assert "recovered" not in [t.event for t in history]
+
+
+async def _children(db: Path, run_id: str) -> list[ws.Run]:
+    async with ws.Engine.open(db, recover=False) as engine:
+        return await engine.list(parent_run_id=run_id)
+
+
+def test_prune_deletes_finished_trees_older_than_a_duration(
+    cli: Cli, db: Path, app: ModuleType
+) -> None:
+    async def setup() -> tuple[str, str, str]:
+        async with ws.Engine.open(db, pipelines=app.pipelines) as engine:
+            tree = await engine.start(app.audit, {"amount": 2.0})
+            await engine.resume(tree.run_id, {"approved": True, "by": "ann"})
+            await engine.wait(tree.run_id, timeout=10)
+            failed = await engine.start(app.expenses, {"amount": -2.0})
+            paused = await engine.start(app.expenses, {"amount": 2.0})
+            return tree.run_id, failed.run_id, paused.run_id
+
+    tree_id, failed_id, paused_id = asyncio.run(setup())
+    assert look(db, tree_id)[0].status == "succeeded"
+    assert table_rows(db)["runs"] == 4  # the tree is a parent and its child
+    conn = sqlite3.connect(db)
+    with conn:  # 40 days ago
+        conn.execute("UPDATE runs SET updated_at = updated_at - 40 * 86400")
+    conn.close()
+
+    out = cli("prune", "--older-than", "60d")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("deleted 0 runs (succeeded or cancelled, ")
+    out = cli("prune", "--older-than", "30d")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(
+        "deleted 2 runs (succeeded or cancelled, last changed more than 30d ago"
+    )
+    remaining = json.loads(cli("runs", "--json").stdout)
+    assert [r["run_id"] for r in remaining] == [failed_id, paused_id]
+    conn = sqlite3.connect(db)
+    journals = {r[0] for r in conn.execute("SELECT DISTINCT run_id FROM transitions")}
+    conn.close()
+    assert journals == {failed_id, paused_id}
+
+    out = cli("prune", "--older-than", "720h", "--status", "failed", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {
+        "deleted": 1,
+        "older_than": 30 * 86400.0,
+        "status": ["failed"],
+    }
+    assert [r["run_id"] for r in json.loads(cli("runs", "--json").stdout)] == [paused_id]
+
+    for args in (["--older-than", "soon"], ["--older-than", "1d", "--status", "paused"]):
+        out = cli("prune", *args)
+        assert out.returncode == 2 and "usage: waystation prune" in out.stderr
+    assert table_rows(db)["runs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30d", 2592000), ("12h", 43200), ("90m", 5400), ("3600s", 3600), ("45", 45), ("1.5h", 5400)],
+)
+def test_prune_durations(text: str, seconds: float) -> None:
+    assert _age(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "3x", "-1d", "d", "1 d 2h"])
+def test_prune_rejects_a_bad_duration(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        _age(text)
 
 
 def _t(seq: int, event: str, stage: int | None, attempt: int = 1, at: float = 0.0) -> ws.Transition:

@@ -1,20 +1,31 @@
-"""The `waystation` command: inspect runs, resume paused ones, migrate a database.
+"""The `waystation` command: inspect, start, resume, retry, replay, cancel and prune runs.
 
     waystation --db runs.db runs [--status paused] [--pipeline NAME] [--limit N] [--json]
     waystation --db runs.db show RUN_ID [--json]
     waystation --db runs.db history RUN_ID [--json]
+    waystation --db runs.db start --app MODULE:ATTR PIPELINE --input JSON [--wait] [--json]
     waystation --db runs.db resume RUN_ID --input JSON [--app MODULE:ATTR] [--json]
+    waystation --db runs.db retry RUN_ID --app MODULE:ATTR [--json]
+    waystation --db runs.db replay RUN_ID --app MODULE:ATTR [--from STAGE] [--input JSON]
+    waystation --db runs.db cancel RUN_ID [--json]
+    waystation --db runs.db prune --older-than 30d [--status succeeded,cancelled] [--json]
     waystation --db runs.db migrate [--json]
 
 `--db` defaults to $WAYSTATION_DB, else `runs.db`. The reading commands never create the
 database, never migrate it and never take over runs (the engine is opened with
-`recover=False`), so they are safe to point at the database of a live service. `resume`
-with `--app` drives only the run it resumes, until it pauses again or finishes; without
-`--app` it records the answer and leaves the run to a worker engine that has its pipeline.
+`recover=False`), so they are safe to point at the database of a live service. The commands
+that run stages (`start`, `retry`, `replay`, `resume --app`) drive only the runs they start
+or continue, in this process, until those pause or finish (a parent woken by its child
+included): they never close the engine on a stage in flight, unless `--timeout` expires or
+the command is interrupted, and then the run stays `running` for a worker engine
+(`Engine.open` with `recover=True`) to take over. `resume` without `--app` records the
+answer and leaves the run to a worker engine that has its pipeline.
 
-Exit status: 0 done; 1 a waystation error (unknown run, not a database, run not paused, ...);
-2 bad usage or bad input (invalid JSON, an answer that does not match the pause's schema, an
-`--app` that cannot be imported): then nothing was changed.
+Exit status: 0 done (the run succeeded; for `start` without `--wait`: it started); 1 the run
+failed, or a waystation error (unknown run, not a database, run not paused, ...); 2 bad usage
+or bad input (invalid JSON, an input or answer that does not match its fields or schema, an
+`--app` that cannot be imported): then nothing was changed; 3 the run is paused, waiting for
+an answer; 4 the run was cancelled.
 """
 
 from __future__ import annotations
@@ -35,21 +46,33 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 import msgspec
 
 from . import __version__
 from .engine.engine import Engine
-from .engine.models import Run, StageError, Transition
+from .engine.models import Run, RunTree, StageError, Transition
 from .engine.pipeline import Pipeline
-from .errors import InvalidResumeInput, StoreError, WaystationError
+from .errors import InvalidInput, InvalidResumeInput, StoreError, WaystationError
 from .migrations import current_version
 from .store.sqlite import SQLiteStore
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+"""A waystation error, or (start, retry, replay) the run failed."""
 EXIT_USAGE = 2
+EXIT_PAUSED = 3
+EXIT_CANCELLED = 4
 
 STATUSES = ("pending", "running", "paused", "succeeded", "failed", "cancelled")
+FINISHED = ("succeeded", "failed", "cancelled")
+OUTCOME_EXIT = {
+    "succeeded": EXIT_OK,
+    "failed": EXIT_ERROR,
+    "paused": EXIT_PAUSED,
+    "cancelled": EXIT_CANCELLED,
+}
+"""The exit status of a command that ran a run, by the status the run settled in."""
 
 
 class UsageError(Exception):
@@ -327,10 +350,10 @@ def cmd_runs(args: argparse.Namespace) -> int:
 # -- show ---------------------------------------------------------------------------------------
 
 
-async def _load(path: str, run_id: str) -> tuple[Run, list[Transition]]:
+async def _load(path: str, run_id: str) -> tuple[Run, list[Transition], RunTree]:
     async with _reading(path) as engine:
         run = await engine.get(run_id)
-        return run, await engine.history(run_id)
+        return run, await engine.history(run_id), await engine.tree(run_id)
 
 
 def _describe(run: Run, path: str) -> list[str]:
@@ -427,14 +450,49 @@ def _timeline_lines(run: Run, spans: list[StageSpan], history: list[Transition])
     return out
 
 
+TREE_ROWS = 200
+"""`show` lists at most this many runs of a tree (all of them with --json)."""
+
+
+def _tree_lines(tree: RunTree) -> list[str]:
+    """The run and its descendants, one per line, each indented under its parent."""
+    rows: list[list[str]] = []
+    total = 0
+    stack = [(tree, 0)]
+    while stack:
+        node, level = stack.pop()
+        total += 1
+        stack.extend((child, level + 1) for child in reversed(node.children))
+        if len(rows) < TREE_ROWS:
+            run = node.run
+            rows.append(
+                [
+                    "  " * level + run.run_id,
+                    run.pipeline,
+                    run.run_kind,
+                    run.status,
+                    _stage_of(run),
+                    run.pause.kind if run.pause is not None else "-",
+                ]
+            )
+    header = ["RUN ID", "PIPELINE", "KIND", "STATUS", "STAGE", "PAUSE"]
+    out = [f"tree ({total} runs)", *_table(header, rows, indent="  ")]
+    if total > len(rows):
+        out.append(f"  … and {total - len(rows)} more runs (see --json)")
+    return out
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     path: str = args.db
-    run, history = asyncio.run(_load(path, args.run_id))
+    run, history, tree = asyncio.run(_load(path, args.run_id))
     spans = timeline(history)
     if args.json:
-        _print_json({"run": run, "timeline": spans})
-    else:
-        print("\n".join([*_describe(run, path), "", *_timeline_lines(run, spans, history)]))
+        _print_json({"run": run, "timeline": spans, "tree": tree if tree.children else None})
+        return EXIT_OK
+    out = _describe(run, path)
+    if tree.children:
+        out += ["", *_tree_lines(tree)]
+    print("\n".join([*out, "", *_timeline_lines(run, spans, history)]))
     return EXIT_OK
 
 
@@ -487,7 +545,7 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- resume -------------------------------------------------------------------------------------
+# -- input and --app ----------------------------------------------------------------------------
 
 
 def _read_input(text: str) -> Any:
@@ -545,6 +603,79 @@ def load_app(spec: str) -> list[Pipeline]:
     )
 
 
+# -- running runs: the engine that drives them --------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _driving(path: str, pipelines: Sequence[Pipeline] = ()) -> AsyncIterator[Engine]:
+    """An engine on an existing database that drives only the runs this command starts or
+    continues: `recover=False`, so never runs that other processes left behind."""
+    _require_database(path)
+    async with Engine.open(path, pipelines=pipelines, recover=False) as engine:
+        yield engine
+
+
+async def _settle(engine: Engine, run_id: str, timeout: float | None, what: str) -> Run:
+    """Wait until the run pauses or finishes, then until every run this engine still drives
+    has too (an ancestor that a resumed child woke, say): closing the engine would interrupt
+    them. Returns the run as it settled."""
+    try:
+        with anyio.fail_after(timeout):
+            await engine.wait(run_id)
+            # The engine has no event for "drives nothing": poll (cheap, in memory).
+            while engine.active_runs:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        raise WaystationError(
+            f"run {run_id} {what} but did not settle within {timeout}s; it is still running, "
+            "and a worker engine (Engine.open with recover=True) continues it"
+        ) from None
+    return await engine.get(run_id)
+
+
+def _check_app(engine: Engine, app: str, run: Run, hint: str = "") -> None:
+    """Refuse, before anything is written, an `--app` without the run's pipeline."""
+    if any(p.name == run.pipeline and p.version == run.pipeline_version for p in engine.pipelines):
+        return
+    have = ", ".join(sorted({f"{p.name} v{p.version}" for p in engine.pipelines}))
+    raise UsageError(
+        f"--app {app} has no pipeline {run.pipeline!r} version {run.pipeline_version!r}, "
+        f"which run {run.run_id} belongs to (it has: {have}){hint}"
+    )
+
+
+def _outcome(run: Run, *, again: bool = False) -> list[str]:
+    """How a run settled, for a person: a line, and the output if it succeeded."""
+    line = f"run {run.run_id} {run.status}"
+    pause = run.pause
+    if run.status == "paused" and pause is not None:
+        reason = f": {pause.reason}" if pause.reason else ""
+        line += f"{' again,' if again else ''} at stage {pause.stage_name!r} waiting for "
+        line += f"{pause.kind}{reason}"
+        if pause.run_id is not None and pause.run_id != run.run_id:
+            line += f" (in child run {pause.run_id}; resuming either answers it)"
+    elif run.status == "failed" and run.error is not None:
+        line += f" at stage {run.error.stage_name!r}: {_error(run.error)}"
+    elif run.status == "cancelled" and run.error is None and run.stage_name is not None:
+        line += f" at stage {run.stage_name!r}"
+    out = [line]
+    if run.status == "succeeded":
+        out.append(f"output: {_json(run.output)}")
+    return out
+
+
+def _exit_status(run: Run) -> int:
+    return OUTCOME_EXIT.get(run.status, EXIT_OK)
+
+
+def _say(line: str) -> None:
+    """Print a progress line at once, before the command goes on waiting."""
+    print(line, flush=True)
+
+
+# -- resume -------------------------------------------------------------------------------------
+
+
 async def _resume(
     path: str,
     app: str | None,
@@ -554,27 +685,14 @@ async def _resume(
     pause_id: str | None,
     timeout: float | None,
 ) -> Run:
-    _require_database(path)
-    # recover=False: this process drives the run it resumes, never other processes' runs.
-    async with Engine.open(path, pipelines=pipelines, recover=False) as engine:
+    async with _driving(path, pipelines) as engine:
         if app is not None:
-            run = await engine.get(run_id)
-            if not any(
-                p.name == run.pipeline and p.version == run.pipeline_version for p in pipelines
-            ):
-                have = ", ".join(f"{p.name} v{p.version}" for p in pipelines)
-                raise UsageError(
-                    f"--app {app} has no pipeline {run.pipeline!r} version "
-                    f"{run.pipeline_version!r}, which run {run_id} belongs to (it has: {have}); "
-                    "leave out --app to record the answer for a worker engine to continue"
-                )
-        try:
-            return await engine.resume(run_id, value, pause_id=pause_id, timeout=timeout)
-        except TimeoutError:
-            raise WaystationError(
-                f"run {run_id} was resumed but did not settle within {timeout}s; it is still "
-                "running, and a worker engine (Engine.open with recover=True) continues it"
-            ) from None
+            hint = "; leave out --app to record the answer for a worker engine to continue"
+            _check_app(engine, app, await engine.get(run_id), hint)
+        run = await engine.resume(run_id, value, pause_id=pause_id, wait=False)
+        if app is None:
+            return run
+        return await _settle(engine, run_id, timeout, "was resumed")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -588,20 +706,223 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(run)
         return EXIT_OK
-    line = f"run {run.run_id} {run.status}"
-    if run.status == "paused" and run.pause is not None:
-        reason = f": {run.pause.reason}" if run.pause.reason else ""
-        line += f" again, at stage {run.pause.stage_name!r} waiting for {run.pause.kind}{reason}"
-    elif run.status == "failed" and run.error is not None:
-        line += f" at stage {run.error.stage_name!r}: {_error(run.error)}"
-    elif app is None and not run.done:
-        line += (
-            f": the answer is recorded; a worker engine with pipeline {run.pipeline!r} "
-            f"version {run.pipeline_version!r} continues the run"
+    if app is None and not run.done and run.status != "paused":
+        print(
+            f"run {run.run_id} {run.status}: the answer is recorded; a worker engine with "
+            f"pipeline {run.pipeline!r} version {run.pipeline_version!r} continues the run"
         )
-    print(line)
-    if run.status == "succeeded":
-        print(f"output: {_json(run.output)}")
+        return EXIT_OK
+    print("\n".join(_outcome(run, again=True)))
+    return EXIT_OK
+
+
+# -- start --------------------------------------------------------------------------------------
+
+
+def _find_pipeline(app: str, pipelines: Sequence[Pipeline], name: str) -> Pipeline:
+    """The pipeline named `name` among the app's pipelines and their child pipelines (the
+    engine registers those too); of several versions, the last one listed."""
+    found: Pipeline | None = None
+    names: dict[str, None] = {}
+    stack = list(reversed(pipelines))
+    while stack:
+        p = stack.pop()
+        names[p.name] = None
+        if p.name == name:
+            found = p
+        stack.extend(reversed(p.children()))
+    if found is None:
+        raise UsageError(f"--app {app} has no pipeline {name!r} (it has: {', '.join(names)})")
+    return found
+
+
+async def _start(
+    args: argparse.Namespace, pipelines: list[Pipeline], p: Pipeline, value: Any
+) -> Run:
+    async with _driving(args.db, pipelines) as engine:
+        run = await engine.submit(
+            p, value, run_id=args.run_id, idempotency_key=args.idempotency_key
+        )
+        # A new run is driven here; one that existed (same id or key) is not.
+        fresh = run.run_id in engine.active_runs
+        if args.json:
+            if not args.wait:
+                _print_json(run)
+        elif fresh:
+            _say(f"run {run.run_id} started ({run.pipeline} version {run.pipeline_version})")
+        else:
+            same = (
+                f"id {run.run_id}" if args.run_id else f"idempotency key {args.idempotency_key!r}"
+            )
+            _say(f"run {run.run_id} exists already with this {same}: nothing was started")
+        if fresh or args.wait:
+            run = await _settle(engine, run.run_id, args.timeout, "was started")
+        return run
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    app: str = args.app
+    value = _read_input(args.input) if args.input is not None else None
+    pipelines = load_app(app)
+    pipeline = _find_pipeline(app, pipelines, args.pipeline)
+    pipeline.validate_input(value)  # a bad input is refused before the database is opened
+    run = asyncio.run(_start(args, pipelines, pipeline, value))
+    if args.json:
+        if args.wait:
+            _print_json(run)
+    else:
+        print("\n".join(_outcome(run)))
+    return _exit_status(run) if args.wait else EXIT_OK
+
+
+# -- retry and replay ---------------------------------------------------------------------------
+
+
+async def _retry(path: str, app: str, pipelines: list[Pipeline], args: argparse.Namespace) -> Run:
+    run_id: str = args.run_id
+    async with _driving(path, pipelines) as engine:
+        _check_app(engine, app, await engine.get(run_id))
+        run = await engine.retry(run_id, wait=False)
+        if not args.json:
+            _say(f"run {run_id} retried at stage {run.stage_name!r}")
+        return await _settle(engine, run_id, args.timeout, "was retried")
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    app: str = args.app
+    run = asyncio.run(_retry(args.db, app, load_app(app), args))
+    if args.json:
+        _print_json(run)
+    else:
+        print("\n".join(_outcome(run)))
+    return _exit_status(run)
+
+
+def _stage_arg(text: str) -> str | int:
+    """`--from`: a stage name, or its index."""
+    return int(text) if text.isdigit() else text
+
+
+async def _replay(
+    path: str, app: str, pipelines: list[Pipeline], args: argparse.Namespace, value: Any
+) -> Run:
+    run_id: str = args.run_id
+    async with _driving(path, pipelines) as engine:
+        _check_app(engine, app, await engine.get(run_id))
+        run = await engine.replay(run_id, from_stage=args.from_stage, input=value, wait=False)
+        if not args.json:
+            history = await engine.history(run.run_id)
+            reused = [t.stage_path or f"#{t.stage_index}" for t in history if t.event == "reused"]
+            kept = f", reusing the output of {', '.join(reused)}" if reused else ""
+            _say(
+                f"run {run.run_id} started: a replay of run {run_id} from stage "
+                f"{run.stage_name!r}{kept}"
+            )
+        return await _settle(
+            engine, run.run_id, args.timeout, f"(a replay of {run_id}) was started"
+        )
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    app: str = args.app
+    value = _read_input(args.input) if args.input is not None else None
+    run = asyncio.run(_replay(args.db, app, load_app(app), args, value))
+    if args.json:
+        _print_json(run)
+    else:
+        print("\n".join(_outcome(run)))
+    return _exit_status(run)
+
+
+# -- cancel -------------------------------------------------------------------------------------
+
+
+def _descendants(tree: RunTree) -> list[Run]:
+    out: list[Run] = []
+    stack = list(tree.children)
+    while stack:
+        node = stack.pop()
+        out.append(node.run)
+        stack.extend(node.children)
+    return out
+
+
+async def _cancel(path: str, run_id: str) -> tuple[Run, int]:
+    """Cancel the run; returns it and how many of its descendants this cancelled."""
+    async with _driving(path) as engine:
+        before = {r.run_id for r in _descendants(await engine.tree(run_id)) if not r.done}
+        run = await engine.cancel(run_id)
+        after = _descendants(await engine.tree(run_id))
+        return run, sum(r.run_id in before and r.status == "cancelled" for r in after)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    run, children = asyncio.run(_cancel(args.db, args.run_id))
+    if args.json:
+        _print_json(run)
+    elif run.status == "cancelled":
+        also = f", and {children} child run{'' if children == 1 else 's'}" if children else ""
+        print(f"run {run.run_id} cancelled{also}")
+    else:
+        print(
+            f"run {run.run_id} {run.status}, cancel requested: the engine that drives it "
+            "cancels it when its current stage ends (discarding that stage's result), or a "
+            "worker engine when it takes the run over"
+        )
+    return EXIT_OK
+
+
+# -- prune --------------------------------------------------------------------------------------
+
+
+_AGE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """A duration: `30d`, `12h`, `90m`, `3600s`, `2w` or a number of seconds."""
+    match = _AGE.fullmatch(text.strip().lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (e.g. 30d, 12h, 90m, 3600s, or seconds)"
+        )
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def _age_text(seconds: float) -> str:
+    """`older_than` as given: 30d, 12h, 90m, 3600s -> 1h."""
+    for unit in ("w", "d", "h", "m"):
+        if seconds and seconds % _UNITS[unit] == 0:
+            return f"{seconds / _UNITS[unit]:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _finished_statuses(text: str) -> tuple[str, ...]:
+    statuses = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    wrong = [s for s in statuses if s not in FINISHED]
+    if wrong or not statuses:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give finished statuses, comma-separated, of {', '.join(FINISHED)}"
+        )
+    return statuses
+
+
+async def _prune(path: str, older_than: float, statuses: tuple[str, ...]) -> int:
+    async with _driving(path) as engine:
+        return await engine.prune(older_than=older_than, status=statuses)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    older_than: float = args.older_than
+    statuses: tuple[str, ...] = args.status
+    deleted = asyncio.run(_prune(args.db, older_than, statuses))
+    if args.json:
+        _print_json({"deleted": deleted, "older_than": older_than, "status": statuses})
+    else:
+        print(
+            f"deleted {deleted} run{'' if deleted == 1 else 's'} ({' or '.join(statuses)}, "
+            f"last changed more than {_age_text(older_than)} ago; a tree only as a whole)"
+        )
     return EXIT_OK
 
 
@@ -670,8 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `waystation` command."""
     parser = argparse.ArgumentParser(
         prog="waystation",
-        description="Inspect, resume and migrate waystation runs in a SQLite database.",
-        epilog="Exit status: 0 ok, 1 waystation error, 2 bad usage or input (nothing changed).",
+        description="Inspect, start, resume, retry, replay, cancel and prune waystation runs "
+        "in a SQLite database.",
+        epilog="Exit status: 0 ok (the run succeeded, or `start` without --wait: it started), "
+        "1 the run failed or a waystation error, 2 bad usage or input (nothing changed), "
+        "3 the run is paused, 4 the run was cancelled.",
     )
     db_help = "the database file (default: $WAYSTATION_DB, else runs.db)"
     parser.add_argument("--db", default=os.environ.get("WAYSTATION_DB") or "runs.db", help=db_help)
@@ -704,7 +1028,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    show = command("show", cmd_show, "a run: status, input, output or error, pause, timeline")
+    show = command(
+        "show", cmd_show, "a run: status, input, output or error, pause, child runs, timeline"
+    )
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print JSON instead of text")
 
@@ -737,6 +1063,101 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resume.add_argument("--json", action="store_true", help="print JSON instead of text")
 
+    app_help = "the pipelines: MODULE:ATTR, a Pipeline or a list of Pipelines"
+    timeout_help = (
+        "stop waiting after this long (exit 1; the run stays running for a worker engine)"
+    )
+    start = command(
+        "start",
+        cmd_start,
+        "start a run and drive it here until it pauses or finishes (with --wait the exit "
+        "status says how: 0 succeeded, 1 failed, 3 paused, 4 cancelled)",
+    )
+    start.add_argument("pipeline", metavar="PIPELINE", help="the pipeline's name")
+    start.add_argument("--app", required=True, metavar="MODULE:ATTR", help=app_help)
+    start.add_argument(
+        "--input",
+        metavar="JSON",
+        help="the run input, a JSON object of the pipeline's input fields (`@FILE` reads it "
+        "from a file, `-` from stdin; default {})",
+    )
+    start.add_argument(
+        "--wait",
+        action="store_true",
+        help="exit with the run's outcome (without it: 0 once started; --json then prints "
+        "the run as created)",
+    )
+    start.add_argument("--run-id", metavar="ID", help="the new run's id (default: a UUIDv7)")
+    start.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="start at most one run per key: a key used before gives that run back",
+    )
+    start.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=timeout_help)
+    start.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    retry = command(
+        "retry",
+        cmd_retry,
+        "continue a failed or cancelled run at the stage where it stopped (same run id)",
+    )
+    retry.add_argument("run_id", metavar="RUN_ID")
+    retry.add_argument("--app", required=True, metavar="MODULE:ATTR", help=app_help)
+    retry.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=timeout_help)
+    retry.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    replay = command(
+        "replay",
+        cmd_replay,
+        "run a finished run again as a new run, reusing the outputs of the stages before "
+        "--from (default: the stage that failed)",
+    )
+    replay.add_argument("run_id", metavar="RUN_ID")
+    replay.add_argument("--app", required=True, metavar="MODULE:ATTR", help=app_help)
+    replay.add_argument(
+        "--from",
+        dest="from_stage",
+        type=_stage_arg,
+        metavar="STAGE",
+        help="the first stage to execute again (a name or an index); required for a run "
+        "that succeeded",
+    )
+    replay.add_argument(
+        "--input",
+        metavar="JSON",
+        help="a new run input (then nothing is reused unless --from says so)",
+    )
+    replay.add_argument("--timeout", type=_seconds, metavar="SECONDS", help=timeout_help)
+    replay.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    cancel = command(
+        "cancel", cmd_cancel, "cancel a run that has not finished, and its unfinished child runs"
+    )
+    cancel.add_argument("run_id", metavar="RUN_ID")
+    cancel.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    prune = command(
+        "prune",
+        cmd_prune,
+        "delete finished runs (whole trees) and their journals, last changed long enough ago",
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        type=_age,
+        metavar="DURATION",
+        help="e.g. 30d, 12h, 90m, 3600s, or seconds",
+    )
+    prune.add_argument(
+        "--status",
+        type=_finished_statuses,
+        default=("succeeded", "cancelled"),
+        metavar="STATUS,...",
+        help="delete runs in these statuses (default: succeeded,cancelled; failed runs are "
+        "kept unless named)",
+    )
+    prune.add_argument("--json", action="store_true", help="print JSON instead of text")
+
     migrate = command("migrate", cmd_migrate, "create the database or bring its schema up to date")
     migrate.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
@@ -754,7 +1175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (UsageError, InvalidResumeInput) as exc:
+    except (UsageError, InvalidInput, InvalidResumeInput) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except WaystationError as exc:
