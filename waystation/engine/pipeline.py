@@ -397,7 +397,9 @@ def _type_name(tp: Any) -> str:
     Struct gaining a required field changes the fingerprint even if its name does not."""
     if tp is None:
         return "None"
-    name = f"{tp.__module__}.{tp.__qualname__}" if isinstance(tp, type) else repr(tp)
+    # The module is left out: a pipeline defined in a script run as __main__ must keep its
+    # fingerprint when another process imports that script by name; the shape covers it.
+    name = tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("__main__.", "")
     if tp is Any:
         return name
     try:
