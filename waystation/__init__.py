@@ -10,6 +10,7 @@ from .engine.compose import branch, loop, map_children
 from .engine.context import StageContext
 from .engine.engine import Engine
 from .engine.models import Failed, Pause, Run, RunTree, StageError, Transition
+from .engine.parallel import parallel
 from .engine.pipeline import InputField, Pipeline
 from .engine.stage import Retry, Stage, gate, stage
 from .errors import (
@@ -20,6 +21,7 @@ from .errors import (
     InvalidRunState,
     NotAWaystationDatabase,
     NotPaused,
+    ParallelFailed,
     PipelineChanged,
     PipelineDefinitionError,
     PipelineNotRegistered,
@@ -49,6 +51,7 @@ __all__ = [
     "Limits",
     "NotAWaystationDatabase",
     "NotPaused",
+    "ParallelFailed",
     "Pause",
     "Pipeline",
     "PipelineChanged",
@@ -76,5 +79,6 @@ __all__ = [
     "gate",
     "loop",
     "map_children",
+    "parallel",
     "stage",
 ]

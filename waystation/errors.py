@@ -78,3 +78,7 @@ class ChildFailed(WaystationError):
 
 class WaitTimeout(WaystationError, TimeoutError):
     """`start`, `wait` or `resume` gave up waiting (`timeout=`); the run itself goes on."""
+
+
+class ParallelFailed(WaystationError):
+    """Branches of a parallel group failed; the message names each branch and its error."""

@@ -110,7 +110,7 @@ async def test_gate_pauses_with_a_snapshot(db: Path) -> None:
     assert row["status"] == "paused"
     assert row["stage_index"] == 1
     assert row["lease_owner"] is None
-    stored = json.loads(row["pause"])
+    stored = json.loads(row["pause"])[0]
     assert stored["kind"] == "approval"
     assert stored["stage_name"] == "approval"
     assert resolve(stored["schema"])["properties"]["approved"] == {"type": "boolean"}

@@ -24,7 +24,7 @@ from ..errors import BudgetExceeded, ChildFailed
 from ..store import codec
 from ..store.base import NewRun, NewTransition, RunRecord
 from .context import PauseSignal, StageContext
-from .models import Pause, StageError
+from .models import StageError, decode_pauses
 from .pipeline import Pipeline
 
 if TYPE_CHECKING:
@@ -156,10 +156,19 @@ class ChildRunner:
             if record.status == "cancelled":
                 raise ChildFailed(f"{chain}: child run {child_id} was cancelled")
             if record.status == "paused" and record.pause is not None:
-                pause = msgspec.json.decode(record.pause, type=Pause)
-                if pause.run_id is None:
-                    pause = msgspec.structs.replace(pause, run_id=child_id)
-                raise PauseSignal(pause.kind, Any, pause.reason, pause.number, child=pause)
+                # The parent shows the child's open pauses, each still pointing at the run
+                # that waits (pause.run_id) and named uniquely within the parent.
+                pauses = []
+                for pause in decode_pauses(record.pause):
+                    waiting = pause.run_id or child_id
+                    origin = pause.origin_id or pause.pause_id
+                    pauses.append(
+                        msgspec.structs.replace(
+                            pause, run_id=waiting, origin_id=origin, pause_id=f"{waiting}/{origin}"
+                        )
+                    )
+                first = pauses[0]
+                raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
             if child_id not in engine._active:
                 # Driven by another engine, or waiting to be recovered: look again soon.
                 async with parent.slot_released():

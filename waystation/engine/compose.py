@@ -18,6 +18,7 @@ from .stage import EMPTY, Param, Retry, Stage, resolve_hints, signature_params
 
 if TYPE_CHECKING:
     from .context import StageContext
+    from .models import Pause
     from .pipeline import Pipeline
 
 ComposeKind = Literal["child", "branch", "loop"]
@@ -200,7 +201,7 @@ async def map_children(
     calls = [ctx._next_call() for _ in items]
     results: list[Any] = [None] * len(items)
     errors: list[tuple[int, BaseException]] = []
-    paused: list[BaseException] = []
+    paused: list[Pause] = []
     limit = anyio.Semaphore(max_concurrency or max(1, len(items)))
 
     async def one(k: int, item: Any) -> None:
@@ -215,7 +216,7 @@ async def map_children(
                 from .context import PauseSignal
 
                 if isinstance(exc, PauseSignal):
-                    paused.append(exc)
+                    paused.extend(exc.pauses or [])
                     return
                 raise
 
@@ -230,7 +231,11 @@ async def map_children(
         detail = "; ".join(f"[{k}] {e}" for k, e in errors)
         raise ChildFailed(f"{len(errors)} of {len(items)} children failed: {detail}")
     if paused:
-        raise paused[0]
+        from .context import PauseSignal
+
+        paused.sort(key=lambda p: p.pause_id)
+        first = paused[0]
+        raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=paused)
     return results
 
 

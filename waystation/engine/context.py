@@ -26,15 +26,16 @@ class PauseSignal(BaseException):
         schema: Any,
         reason: str | None,
         number: int,
-        child: Pause | None = None,
+        pauses: list[Pause] | None = None,
     ) -> None:
         super().__init__(kind)
         self.kind = kind
         self.schema = schema
         self.reason = reason
         self.number = number
-        self.child = child
-        """Set when a child run paused: its pause, which the parent shows as its own."""
+        self.pauses = pauses
+        """Set when child runs or parallel branches paused: their open pauses, which the
+        stage's run shows as its own."""
 
 
 class StageContext:
@@ -57,6 +58,7 @@ class StageContext:
         "run_id",
         "stage_index",
         "stage_name",
+        "stage_path",
     )
 
     def __init__(
@@ -67,6 +69,7 @@ class StageContext:
         stage_index: int,
         stage_name: str,
         attempt: int,
+        stage_path: str | None = None,
         input: Any,
         results: Mapping[str, Any],
         answers: list[str],
@@ -76,6 +79,8 @@ class StageContext:
         self.pipeline = pipeline
         self.stage_index = stage_index
         self.stage_name = stage_name
+        self.stage_path = stage_path or stage_name
+        """The stage's name, or `group.branch` inside a parallel group."""
         self.attempt = attempt
         self.input = input
         self.results = results

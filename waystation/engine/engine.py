@@ -48,7 +48,7 @@ from ..store.base import (
 )
 from ..store.sqlite import Durability, SQLiteStore
 from .children import ChildRunner, Limits
-from .models import Pause, Run, RunTree, StageError, Transition
+from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
 from .pipeline import Pipeline
 from .runner import Driver, RunState
 
@@ -75,6 +75,23 @@ def _owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _choose_pause(run_id: str, pauses: list[Pause], pause_id: str | None) -> Pause:
+    if pause_id is None:
+        if len(pauses) == 1:
+            return pauses[0]
+        raise InvalidRunState(
+            f"run {run_id} has {len(pauses)} open pauses; say which one with pause_id= "
+            f"(one of {', '.join(p.pause_id for p in pauses)})"
+        )
+    for p in pauses:
+        if p.pause_id == pause_id:
+            return p
+    raise NotPaused(
+        f"run {run_id} has no open pause {pause_id!r} "
+        f"(open: {', '.join(p.pause_id for p in pauses)})"
+    )
 
 
 def _when(ts: float) -> datetime:
@@ -460,57 +477,87 @@ class Engine:
         wait: bool = True,
         timeout: float | None = None,
     ) -> Run:
-        """Answer the run's open pause with `value` and continue the run.
+        """Answer one of the run's open pauses with `value` and continue the run.
 
         `value` is checked against the pause's schema first (`InvalidResumeInput`, and the
         run stays paused, untouched). Of two concurrent resumes exactly one wins; the other
-        gets `NotPaused`. Returns once the run pauses again or finishes (or at once, with
-        `wait=False`). An engine that does not have the run's pipeline (a web handler, the
-        CLI) only records the answer and returns the run `pending`: a worker engine that has
-        the pipeline continues it.
+        gets `NotPaused`. With several open pauses (parallel branches, child runs), name one
+        with `pause_id`; the run continues once all are answered. A parent waiting on a
+        child shows the child's pause, and resuming either answers it. Returns once the run
+        pauses again or finishes (or at once, with `wait=False`). An engine that does not
+        have the run's pipeline (a web handler, the CLI) only records the answer and leaves
+        the run `pending`: a worker engine that has the pipeline continues it.
         """
         self._check_open()
         record = await self._record(run_id)
-        if record.status != "paused" or record.pause is None:
+        pauses = decode_pauses(record.pause)
+        if record.status != "paused" or not pauses:
             raise NotPaused(f"run {run_id} is {record.status}, not paused; nothing to resume")
-        pause = msgspec.json.decode(record.pause, type=Pause)
-        # A parent waiting on a child shows the child's pause: answer the run that waits.
-        while pause.run_id is not None and pause.run_id != record.run_id:
-            deeper = await self.store.get_run(pause.run_id)
-            if deeper is None or deeper.status != "paused" or deeper.pause is None:
+        chosen = _choose_pause(run_id, pauses, pause_id)
+        # A parent shows its children's pauses: answer the run that actually waits.
+        while chosen.run_id is not None and chosen.run_id != record.run_id:
+            deeper = await self.store.get_run(chosen.run_id)
+            origin = chosen.origin_id or chosen.pause_id
+            found = decode_pauses(deeper.pause) if deeper and deeper.status == "paused" else []
+            match = next((q for q in found if q.pause_id == origin), None)
+            if deeper is None or match is None:
                 raise NotPaused(
-                    f"run {run_id} waits on run {pause.run_id}, which is no longer paused; "
-                    "it continues when that run finishes"
+                    f"run {run_id} waits on run {chosen.run_id}, whose pause {origin!r} is "
+                    "no longer open; it continues when that run finishes"
                 )
-            record = deeper
-            pause = msgspec.json.decode(deeper.pause, type=Pause)
-        if pause_id is not None and pause_id != pause.pause_id:
-            raise NotPaused(f"run {run_id} has no open pause {pause_id!r} (open: {pause.pause_id})")
+            record, pauses, chosen = deeper, found, match
         try:
             p: Pipeline | None = self._pipeline_of(record)
         except PipelineNotRegistered:
             p = None
-        answer = self._check_answer(record.run_id, p, pause, value)
+        answer = self._check_answer(record.run_id, p, chosen, value)
         if p is not None:
             await self._check_loadable(p, record)
+        transitions, values = self._answer(record, p, pauses, chosen, answer)
+        seq = await self.store.update_run(
+            record.run_id, Guard(("paused",), seq=record.seq), transitions, values
+        )
+        if seq is None:
+            raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
+        log.info("run %s answered at %s", record.run_id, chosen.stage_path or chosen.stage_name)
+        if p is not None and values.get("status") == "running":
+            await self._continue(p, record.run_id)
+        await self._wake_ancestors(record)
+        if not wait or p is None:
+            return await self.get(run_id)
+        return await self.wait(run_id, timeout=timeout)
+
+    def _answer(
+        self,
+        record: RunRecord,
+        p: Pipeline | None,
+        pauses: builtins.list[Pause],
+        chosen: Pause,
+        answer: str,
+    ) -> tuple[builtins.list[NewTransition], dict[str, Any]]:
+        """The rows and run values that commit `answer` to the pause `chosen`."""
+        i = chosen.stage_index
+        path = chosen.stage_path or chosen.stage_name
+        remaining = [q for q in pauses if q.pause_id != chosen.pause_id]
+        top_level = path == chosen.stage_name
+        # A gate's answer is its output: stored once, in its `succeeded` row. Without the
+        # pipeline, the answer waits in the `resumed` row for a worker to make it so.
+        as_output = chosen.gate and p is not None
+        transitions = [NewTransition("resumed", i, path, payload=None if as_output else answer)]
+        values: dict[str, Any] = {}
+        if as_output:
+            transitions.append(NewTransition("succeeded", i, path, 1, payload=answer))
+        if remaining:
+            values["pause"] = codec.encode(remaining).decode()
+            return transitions, values
+        values.update(pause=None, status="pending", lease_owner=None, lease_expires=None)
         if p is None:
-            answered = await self._record_answer(record, pause, answer)
-            await self._wake_ancestors(record)
-            return answered if answered.run_id == run_id else await self.get(run_id)
-        i = pause.stage_index
-        stages = p.stages
-        # A gate's answer is its output: stored once, in its `succeeded` row.
-        transitions = [
-            NewTransition("resumed", i, pause.stage_name, payload=None if pause.gate else answer)
-        ]
-        values: dict[str, Any] = {
-            "status": "running",
-            "pause": None,
-            "lease_owner": self.owner,
-            "lease_expires": time.time() + self.lease_ttl,
-        }
-        if pause.gate:
-            transitions.append(NewTransition("succeeded", i, pause.stage_name, 1, payload=answer))
+            return transitions, values
+        values.update(
+            status="running", lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl
+        )
+        if as_output and top_level:
+            stages = p.stages
             values["stage_index"] = i + 1
             if i + 1 < len(stages):
                 transitions.append(NewTransition("started", i + 1, stages[i + 1].name, 1))
@@ -519,18 +566,7 @@ class Engine:
                 values.update(
                     status="succeeded", output=answer, lease_owner=None, lease_expires=None
                 )
-        seq = await self.store.update_run(
-            record.run_id, Guard(("paused",), seq=record.seq), transitions, values
-        )
-        if seq is None:
-            raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
-        log.info("run %s resumed at %s", record.run_id, pause.stage_name)
-        if values["status"] == "running":
-            await self._continue(p, record.run_id)
-        await self._wake_ancestors(record)
-        if not wait:
-            return self._to_run(await self._record(run_id))
-        return await self.wait(run_id, timeout=timeout)
+        return transitions, values
 
     async def _check_loadable(self, p: Pipeline, record: RunRecord) -> None:
         """Refuse, before writing anything, to continue a run whose stored input or outputs
@@ -547,14 +583,15 @@ class Engine:
 
     async def _wake_ancestors(self, child: RunRecord) -> None:
         """Continue the ancestors that were paused because `child` was: each re-enters the
-        stage that launched its child, finds it by key, and waits for it again."""
+        stage that launched its child, finds it by key, and waits for it again (or shows
+        its remaining pauses again)."""
         parent_id = child.parent_run_id
         while parent_id is not None:
             parent = await self.store.get_run(parent_id)
-            if parent is None or parent.status != "paused" or parent.pause is None:
+            if parent is None or parent.status != "paused":
                 return
-            pause = msgspec.json.decode(parent.pause, type=Pause)
-            if pause.run_id != child.run_id:
+            pauses = decode_pauses(parent.pause)
+            if not any(q.run_id == child.run_id for q in pauses):
                 return
             try:
                 p: Pipeline | None = self._pipeline_of(parent)
@@ -567,7 +604,7 @@ class Engine:
             seq = await self.store.update_run(
                 parent_id,
                 Guard(("paused",), seq=parent.seq),
-                [NewTransition("resumed", parent.stage_index, pause.stage_name)],
+                [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
                 values,
             )
             if seq is None:
@@ -575,22 +612,6 @@ class Engine:
             if p is not None:
                 await self._continue(p, parent_id)
             parent_id = parent.parent_run_id
-
-    async def _record_answer(self, record: RunRecord, pause: Pause, answer: str) -> Run:
-        """Resume without the pipeline: commit the answer and leave the run `pending`, for a
-        worker that has the pipeline to continue (it finds the answer in the journal)."""
-        seq = await self.store.update_run(
-            record.run_id,
-            Guard(("paused",), seq=record.seq),
-            [NewTransition("resumed", pause.stage_index, pause.stage_name, payload=answer)],
-            {"status": "pending", "pause": None, "lease_owner": None, "lease_expires": None},
-        )
-        if seq is None:
-            raise NotPaused(
-                f"run {record.run_id} was resumed or cancelled by someone else meanwhile"
-            )
-        log.info("run %s answered at %s; left for a worker", record.run_id, pause.stage_name)
-        return self._to_run(await self._record(record.run_id))
 
     def _check_answer(self, run_id: str, p: Pipeline | None, pause: Pause, value: Any) -> str:
         """Validate a resume value against the pause's schema; the JSON to commit."""
@@ -602,7 +623,7 @@ class Engine:
             ) from exc
         tp: Any = None
         if pause.gate and p is not None:
-            tp = p.stages[pause.stage_index].schema
+            tp = p.stage_at(pause.stage_index, pause.stage_path).schema
         elif pause.schema_ref is not None:
             tp = codec.resolve_type_ref(pause.schema_ref)
         try:
@@ -893,7 +914,8 @@ class Engine:
                     output = codec.decode(r.output, p.stages[-1].returns)
             if r.stage_index < len(p.stages):
                 stage_name = p.stages[r.stage_index].name
-        pause = msgspec.json.decode(r.pause, type=Pause) if r.pause else None
+        pauses = decode_pauses(r.pause)
+        pause = pauses[0] if pauses else None
         if pause is not None:
             stage_name = pause.stage_name
         return Run(
@@ -907,6 +929,7 @@ class Engine:
             output=output,
             error=msgspec.json.decode(r.error, type=StageError) if r.error else None,
             pause=pause,
+            pauses=pauses,
             parent_run_id=r.parent_run_id,
             root_run_id=r.root_run_id,
             run_kind=r.run_kind,

@@ -32,6 +32,20 @@ class Pause(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str | None = None
     """The run that waits for the answer: this run, or for a parent waiting on a child,
     the deepest paused descendant (resuming either answers it)."""
+    stage_path: str | None = None
+    """The stage, or `group.branch` for a branch of a parallel group, that paused."""
+    origin_id: str | None = None
+    """For a pause shown by a parent: the pause's id in the run that waits (`run_id`)."""
+
+
+_pause_list = msgspec.json.Decoder(list[Pause])
+
+
+def decode_pauses(text: str | None) -> list[Pause]:
+    """The open pauses stored in a run row (a JSON list)."""
+    if not text:
+        return []
+    return _pause_list.decode(text)
 
 
 class StageError(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +76,10 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     """The last stage's output, once the run succeeded."""
     error: StageError | None
     pause: Pause | None
+    """The first open pause (most runs have at most one)."""
+    pauses: list[Pause]
+    """Every open pause: several when parallel branches or child runs paused at once; each
+    is answered on its own with `resume(run_id, value, pause_id=...)`."""
     parent_run_id: str | None
     root_run_id: str
     run_kind: str

@@ -35,6 +35,21 @@ class Binding:
     """The input field (or the stage name) it is bound to."""
     convert: Any = None
     """A type to decode the stored output into, when it differs from the producer's type."""
+    branch: str | None = None
+    """For the output of one branch of a parallel group: the branch's name."""
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """A place that executes: a stage, or one branch of a parallel group."""
+
+    index: int
+    """The stage index (a group's branches share their group's)."""
+    path: str
+    """The stage name, or `group.branch` for a branch: what the journal records."""
+    key: int | str
+    """Where its attempts and answers are kept in a run's state: the index, or the path."""
+    bindings: tuple[Binding, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,13 +105,24 @@ class Pipeline:
                     "(or pass a Pipeline, which runs as a child)"
                 )
         self.index: dict[str, int] = {}
+        self.branch_index: dict[str, int] = {}
+        """Branch name -> index of its parallel group."""
         for i, s in enumerate(self.stages):
-            if s.name in self.index:
+            for n in (s.name, *(b.name for b in _branches(s))):
+                if n in self.index or n in self.branch_index:
+                    first = self.index.get(n, self.branch_index.get(n))
+                    raise PipelineDefinitionError(
+                        f"pipeline {name!r}: two stages or branches are named {n!r} "
+                        f"(positions {first} and {i}); give one a different name"
+                    )
+                if n == s.name:
+                    self.index[n] = i
+                else:
+                    self.branch_index[n] = i
+            if s.kind == "parallel" and s.when is not None:
                 raise PipelineDefinitionError(
-                    f"pipeline {name!r}: two stages are named {s.name!r} "
-                    f"(positions {self.index[s.name]} and {i}); give one a different name"
+                    f"pipeline {name!r}: put `when` on the branches of {s.name!r}, not the group"
                 )
-            self.index[s.name] = i
         self.inputs: dict[str, InputField] = (
             self._pinned_inputs(input) if input is not None else self._inferred_inputs()
         )
@@ -106,6 +132,20 @@ class Pipeline:
         self.when_bindings: tuple[tuple[Binding, ...], ...] = tuple(
             self._bind(i, s.when_params, f"`when` of {s.name}") for i, s in enumerate(self.stages)
         )
+        self.slots: tuple[Slot, ...] = tuple(
+            Slot(i, s.name, i, self.bindings[i]) for i, s in enumerate(self.stages)
+        )
+        self.branch_slots: dict[int, dict[str, Slot]] = {}
+        self.branch_when_bindings: dict[str, tuple[Binding, ...]] = {}
+        for i, s in enumerate(self.stages):
+            for b in _branches(s):
+                path = f"{s.name}.{b.name}"
+                self.branch_slots.setdefault(i, {})[b.name] = Slot(
+                    i, path, path, self._bind(i, b.params, f"branch {path}")
+                )
+                self.branch_when_bindings[path] = self._bind(
+                    i, b.when_params, f"`when` of branch {path}"
+                )
         self._input_struct = input or msgspec.defstruct(
             f"{_identifier(name)}Input",
             [
@@ -143,7 +183,7 @@ class Pipeline:
                 f"pipeline {self.name!r}: input= must be a msgspec Struct or a dataclass"
             )
         for field in fields:
-            if field in self.index:
+            if field in self.index or field in self.branch_index:
                 raise PipelineDefinitionError(
                     f"pipeline {self.name!r}: input field {field!r} is shadowed by the stage "
                     f"of the same name; rename one of them"
@@ -153,8 +193,11 @@ class Pipeline:
     def _inferred_inputs(self) -> dict[str, InputField]:
         fields: dict[str, InputField] = {}
         for i, s in enumerate(self.stages):
-            for p in (*s.when_params, *s.params):
-                if p.name in self.index:
+            params = [*s.when_params, *s.params]
+            for b in _branches(s):
+                params += [*b.when_params, *b.params]
+            for p in params:
+                if p.name in self.index or p.name in self.branch_index:
                     continue  # a stage output (ordering is checked in _bind)
                 seen = fields.get(p.name)
                 if seen is None:
@@ -176,6 +219,22 @@ class Pipeline:
     def _bind(self, position: int, params: Sequence[Param], who: str) -> tuple[Binding, ...]:
         out = []
         for p in params:
+            branch_of = self.branch_index.get(p.name)
+            if branch_of is not None:
+                if branch_of >= position:
+                    raise PipelineDefinitionError(
+                        f"pipeline {self.name!r}: {who} (position {position}) takes "
+                        f"{p.name!r}, a branch of the group at position {branch_of}; a stage "
+                        "can only use the outputs of earlier stages (branches of one group "
+                        "run side by side and cannot use each other's outputs)"
+                    )
+                group = self.stages[branch_of]
+                producer = next(b for b in _branches(group) if b.name == p.name)
+                convert = None
+                if p.annotation is not Any and p.annotation != producer.returns:
+                    convert = p.annotation
+                out.append(Binding(p.name, branch_of, p.name, convert, branch=p.name))
+                continue
             source = self.index.get(p.name)
             if source is not None:
                 if source >= position:
@@ -204,12 +263,23 @@ class Pipeline:
                 )
         return tuple(out)
 
+    def stage_at(self, index: int, path: str | None = None) -> Stage:
+        """The stage at `index`, or the branch `path` (`group.branch`) of the group there."""
+        stage = self.stages[index]
+        if path and path != stage.name and stage.group is not None:
+            name = path.split(".", 1)[-1]
+            for branch in stage.group.branches:
+                if branch.name == name:
+                    return branch
+        return stage
+
     def children(self) -> list[Pipeline]:
         """The pipelines this one runs as children through its stages (not recursively)."""
         out: list[Pipeline] = []
         for s in self.stages:
-            if s.compose is not None:
-                out.extend(s.compose.pipelines.values())
+            for part in (s, *_branches(s)):
+                if part.compose is not None:
+                    out.extend(part.compose.pipelines.values())
         return out
 
     def _check_cycles(self, path: list[str]) -> None:
@@ -258,10 +328,13 @@ class Pipeline:
         h = hashlib.sha256()
         h.update(f"{self.name}\0{_type_name(self.input_type)}\0".encode())
         for s in self.stages:
-            params = ",".join(f"{p.name}:{_type_name(p.annotation)}" for p in s.params)
-            h.update(f"{s.kind}:{s.name}({params})->{_type_name(s.returns)}\0".encode())
-            for child in s.compose.pipelines.values() if s.compose is not None else ():
-                h.update(f"[{child.name}:{child.version}:{child.fingerprint}]".encode())
+            for part in (s, *_branches(s)):
+                params = ",".join(f"{p.name}:{_type_name(p.annotation)}" for p in part.params)
+                h.update(
+                    f"{part.kind}:{part.name}({params})->{_type_name(part.returns)}\0".encode()
+                )
+                for child in part.compose.pipelines.values() if part.compose is not None else ():
+                    h.update(f"[{child.name}:{child.version}:{child.fingerprint}]".encode())
         return h.hexdigest()[:16]
 
     # -- use ---------------------------------------------------------------------------------
@@ -310,6 +383,10 @@ class Pipeline:
         return f"<Pipeline {self.name} v{self.version} ({len(self.stages)} stages)>"
 
 
+def _branches(stage: Stage) -> tuple[Stage, ...]:
+    return stage.group.branches if stage.group is not None else ()
+
+
 def _identifier(name: str) -> str:
     out = "".join(c if c.isalnum() else "_" for c in name)
     return out if out[:1].isalpha() else f"P{out}"
@@ -320,7 +397,9 @@ def _type_name(tp: Any) -> str:
     Struct gaining a required field changes the fingerprint even if its name does not."""
     if tp is None:
         return "None"
-    name = f"{tp.__module__}.{tp.__qualname__}" if isinstance(tp, type) else repr(tp)
+    # The module is left out: a pipeline defined in a script run as __main__ must keep its
+    # fingerprint when another process imports that script by name; the shape covers it.
+    name = tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("__main__.", "")
     if tp is Any:
         return name
     try:

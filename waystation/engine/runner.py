@@ -24,13 +24,13 @@ import anyio
 import msgspec
 import tenacity
 
-from ..errors import StageOutputError, StageTimeout, WaystationError
+from ..errors import ParallelFailed, StageOutputError, StageTimeout, WaystationError
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
 from .compose import run_composite
 from .context import PauseSignal, StageContext
 from .models import Failed, Pause, StageError
-from .pipeline import Binding, Pipeline
+from .pipeline import Binding, Pipeline, Slot
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -58,10 +58,12 @@ class RunState:
     """Each finished stage's output, decoded as its return annotation (None if skipped)."""
     payloads: list[str | None]
     """The same outputs as stored JSON (for re-decoding into another annotation)."""
-    answers: dict[int, list[str]] = field(default_factory=dict)
-    """Resume answers per stage, in the order given (for `ctx.pause`)."""
-    attempts: dict[int, int] = field(default_factory=dict)
-    """Failed attempts so far per stage (from the journal's retrying rows)."""
+    answers: dict[int | str, list[str]] = field(default_factory=dict)
+    """Resume answers per slot (stage index, or branch path), in the order given."""
+    attempts: dict[int | str, int] = field(default_factory=dict)
+    """Failed attempts so far per slot (from the journal's retrying rows)."""
+    branch_payloads: dict[str, str | None] = field(default_factory=dict)
+    """Stored outputs of finished parallel branches, by `group.branch` path."""
     generations: dict[int, int] = field(default_factory=dict)
     """How often `engine.retry` restarted each stage (part of its children's keys)."""
     root_run_id: str = ""
@@ -104,6 +106,15 @@ class RunState:
             i = row.stage_index
             if i is None or i >= len(pipeline.stages):
                 continue
+            stage = pipeline.stages[i]
+            if stage.group is not None and row.stage_path != stage.name:
+                state._load_branch(pipeline, i, row)
+                continue
+            if stage.group is not None and row.event == "retried":
+                for slot in pipeline.branch_slots[i].values():
+                    state.attempts.pop(slot.key, None)
+            if row.event in ("succeeded", "reused") and stage.group is not None:
+                continue  # a group's output is the union of its branches' rows
             if row.event in ("succeeded", "reused") and row.payload is not None:
                 state.payloads[i] = row.payload
                 state.values[i] = codec.decode(row.payload, pipeline.stages[i].returns)
@@ -124,6 +135,23 @@ class RunState:
             elif row.event == "resumed" and row.payload is not None:
                 state.answers.setdefault(i, []).append(row.payload)
         return state
+
+    def _load_branch(self, pipeline: Pipeline, i: int, row: TransitionRecord) -> None:
+        path = row.stage_path or ""
+        name = path.split(".", 1)[-1]
+        branch = next((b for b in pipeline.stages[i].group.branches if b.name == name), None)
+        if branch is None:
+            return
+        if row.event in ("succeeded", "reused", "skipped"):
+            results = self.values[i] if isinstance(self.values[i], dict) else {}
+            self.values[i] = results
+            payload = row.payload if row.event != "skipped" else None
+            results[name] = codec.decode(payload, branch.returns) if payload else None
+            self.branch_payloads[path] = payload
+        elif row.event == "retrying":
+            self.attempts[path] = max(self.attempts.get(path, 0), row.attempt)
+        elif row.event == "resumed" and row.payload is not None:
+            self.answers.setdefault(path, []).append(row.payload)
 
 
 def _fields(pipeline: Pipeline, typed_input: Any) -> dict[str, Any]:
@@ -283,8 +311,14 @@ class Driver:
         while i < len(stages):
             stage = stages[i]
             try:
-                if stage.when is not None and not await self._condition(stage, i):
+                when = self.pipeline.when_bindings[i]
+                if stage.when is not None and not await self._condition(stage, when):
                     await self._advance(i, None, None, "skipped")
+                    i += 1
+                    continue
+                if stage.kind == "parallel":
+                    value = await self._run_group(stage, i)
+                    await self._advance(i, value, None, "succeeded")
                     i += 1
                     continue
                 if stage.kind == "gate":
@@ -299,7 +333,7 @@ class Driver:
                     await self._advance(i, value, answers[-1], "succeeded")
                     i += 1
                     continue
-                value, payload = await self._execute(stage, i)
+                value, payload = await self._execute(stage, self.pipeline.slots[i])
             except asyncio.CancelledError as exc:
                 # Real cancellation (ours or the engine's) propagates; a CancelledError the
                 # stage raised by itself (awaiting a cancelled task, say) is its failure.
@@ -325,14 +359,14 @@ class Driver:
 
     # -- one stage ---------------------------------------------------------------------------
 
-    def _attempt_of(self, i: int) -> int:
-        return self.state.attempts.get(i, 0) + 1
+    def _attempt_of(self, key: int | str) -> int:
+        return self.state.attempts.get(key, 0) + 1
 
-    async def _execute(self, stage: Stage, i: int) -> tuple[Any, str]:
-        first = self._attempt_of(i)
+    async def _execute(self, stage: Stage, slot: Slot) -> tuple[Any, str]:
+        first = self._attempt_of(slot.key)
         remaining = stage.retry.attempts - first + 1
         if remaining <= 1:
-            return await self._attempt(stage, i, first)
+            return await self._attempt(stage, slot, first)
         policy = stage.retry
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(remaining),
@@ -341,7 +375,7 @@ class Driver:
                 tenacity.retry_if_exception_type(policy.retry_on)
                 & tenacity.retry_if_not_exception_type(StageOutputError)
             ),
-            before_sleep=functools.partial(self._journal_retry, stage, i, first),
+            before_sleep=functools.partial(self._journal_retry, stage, slot, first),
             sleep=anyio.sleep,
             reraise=True,
         )
@@ -349,17 +383,125 @@ class Driver:
         async for attempt in retrying:
             with attempt:
                 result = await self._attempt(
-                    stage, i, first + attempt.retry_state.attempt_number - 1
+                    stage, slot, first + attempt.retry_state.attempt_number - 1
                 )
         assert result is not None
         return result
 
+    async def _run_group(self, group: Stage, i: int) -> dict[str, Any]:
+        """Run the branches of a parallel group that have no committed result yet."""
+        spec = group.group
+        state = self.state
+        results: dict[str, Any] = state.values[i] if isinstance(state.values[i], dict) else {}
+        state.values[i] = results
+        slots = self.pipeline.branch_slots[i]
+        todo = [b for b in spec.branches if b.name not in results]
+        limit = anyio.Semaphore(spec.max_concurrency or max(1, len(todo)))
+        errors: list[tuple[str, BaseException]] = []
+        pauses: list[Pause] = []
+        fatal: list[BaseException] = []
+        failing = False
+
+        async def run(branch: Stage) -> None:
+            nonlocal failing
+            slot = slots[branch.name]
+            async with limit:
+                try:
+                    if failing:
+                        raise anyio.get_cancelled_exc_class()()
+                    failed = await self._branch(branch, slot, results, pauses, errors)
+                except anyio.get_cancelled_exc_class():
+                    if failing and not fatal:  # fail_fast: journal that this branch stopped
+                        with anyio.CancelScope(shield=True):
+                            await self._commit(
+                                [
+                                    NewTransition(
+                                        "cancelled", i, slot.path, self._attempt_of(slot.key)
+                                    )
+                                ]
+                            )
+                    raise
+                except BaseException as exc:  # a failed commit or a lost lease: stop all
+                    fatal.append(exc)
+                    tg.cancel_scope.cancel()
+                    return
+                if failed and spec.on_error == "fail_fast":
+                    failing = True
+                    tg.cancel_scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for branch in todo:
+                tg.start_soon(run, branch, name=f"waystation-branch-{branch.name}")
+        if fatal:
+            raise fatal[0]
+        if errors:
+            detail = "; ".join(f"{n}: {type(e).__name__}: {e}" for n, e in errors)
+            if spec.on_error == "fail_fast":
+                raise ParallelFailed(f"group {group.name!r}: branch {detail}") from errors[0][1]
+            raise ParallelFailed(
+                f"group {group.name!r}: {len(errors)} of {len(spec.branches)} branches failed: "
+                f"{detail}"
+            )
+        if pauses:
+            first = pauses[0]
+            raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
+        return {b.name: results.get(b.name) for b in spec.branches}
+
+    async def _branch(
+        self,
+        branch: Stage,
+        slot: Slot,
+        results: dict[str, Any],
+        pauses: list[Pause],
+        errors: list[tuple[str, BaseException]],
+    ) -> bool:
+        """Run one branch, committing its start and its outcome; True if it failed."""
+        i = slot.index
+        attempt = self._attempt_of(slot.key)
+        group = self.pipeline.stages[i].name
+        marker = codec.encode({"concurrent_group": group}).decode()
+        await self._commit([NewTransition("started", i, slot.path, attempt, payload=marker)])
+        event = "succeeded"
+        try:
+            when = self.pipeline.branch_when_bindings[slot.path]
+            if branch.when is not None and not await self._condition(branch, when):
+                value, payload, event = None, None, "skipped"
+            elif branch.kind == "gate":
+                answers = self.state.answers.get(slot.key)
+                if not answers:
+                    raise PauseSignal(branch.name, branch.schema, branch.reason, 0)
+                value, payload = codec.decode(answers[-1], branch.schema), answers[-1]
+            else:
+                value, payload = await self._execute(branch, slot)
+        except PauseSignal as sig:
+            if sig.pauses is not None:  # a child pipeline branch paused
+                pauses.extend(msgspec.structs.replace(p, stage_path=slot.path) for p in sig.pauses)
+            else:
+                schema = codec.json_schema(sig.schema)
+                pauses.append(self._pause_of(slot, branch, sig, schema, branch.kind == "gate"))
+            return False
+        except _Lost:
+            raise
+        except Exception as exc:
+            errors.append((branch.name, exc))
+            err = codec.encode(error_info(exc, branch, i)).decode()
+            await self._commit(
+                [NewTransition("failed", i, slot.path, self._attempt_of(slot.key), error=err)]
+            )
+            return True
+        await self._commit(
+            [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload=payload)]
+        )
+        results[branch.name] = value
+        self.state.branch_payloads[slot.path] = payload
+        return False
+
     async def _journal_retry(
-        self, stage: Stage, i: int, first: int, retry_state: tenacity.RetryCallState
+        self, stage: Stage, slot: Slot, first: int, retry_state: tenacity.RetryCallState
     ) -> None:
         attempt = first + retry_state.attempt_number - 1
         exc = retry_state.outcome.exception() if retry_state.outcome else None
-        err = error_info(exc, stage, i) if exc is not None else None
+        err = error_info(exc, stage, slot.index) if exc is not None else None
         wait = retry_state.upcoming_sleep
         log.info(
             "run %s stage %s attempt %d failed (%s); retrying in %.3fs",
@@ -373,27 +515,27 @@ class Driver:
             [
                 NewTransition(
                     "retrying",
-                    i,
-                    stage.name,
+                    slot.index,
+                    slot.path,
                     attempt,
                     payload=codec.encode({"wait": wait}).decode(),
                     error=codec.encode(err).decode() if err else None,
                 )
             ]
         )
-        self.state.attempts[i] = attempt
+        self.state.attempts[slot.key] = attempt
 
-    async def _attempt(self, stage: Stage, i: int, attempt: int) -> tuple[Any, str]:
+    async def _attempt(self, stage: Stage, slot: Slot, attempt: int) -> tuple[Any, str]:
         if self.state.depth or self.state.root_run_id in self.children.tree_stages:
             await self.children.count_stage(self)
-        kwargs = self._kwargs(self.pipeline.bindings[i])
+        kwargs = self._kwargs(slot.bindings)
         if stage.kind == "child":
             call: Any = functools.partial(
-                run_composite, stage, kwargs, self._context(stage, i, attempt)
+                run_composite, stage, kwargs, self._context(stage, slot, attempt)
             )
         else:
             if stage.context_param is not None:
-                kwargs[stage.context_param] = self._context(stage, i, attempt)
+                kwargs[stage.context_param] = self._context(stage, slot, attempt)
             call = functools.partial(self._call, stage, stage.fn, kwargs)
         if stage.timeout is None:
             out = await call()
@@ -417,17 +559,19 @@ class Driver:
             out = await out
         return out
 
-    def _context(self, stage: Stage, i: int, attempt: int) -> StageContext:
+    def _context(self, stage: Stage, slot: Slot, attempt: int) -> StageContext:
         names = self.pipeline.stages
+        i = slot.index
         return StageContext(
             run_id=self.run_id,
             pipeline=self.pipeline.name,
             stage_index=i,
             stage_name=stage.name,
+            stage_path=slot.path,
             attempt=attempt,
             input=self.state.input,
             results={names[j].name: self.state.values[j] for j in range(i)},
-            answers=self.state.answers.get(i, []),
+            answers=self.state.answers.get(slot.key, []),
             driver=self,
         )
 
@@ -439,6 +583,11 @@ class Driver:
                 value = state.input_fields[b.key]
                 if b.convert is not None:
                     value = msgspec.convert(msgspec.to_builtins(value), b.convert)
+            elif b.branch is not None:
+                value = state.values[b.from_stage][b.branch]
+                path = f"{self.pipeline.stages[b.from_stage].name}.{b.branch}"
+                if b.convert is not None and state.branch_payloads.get(path) is not None:
+                    value = codec.decode(state.branch_payloads[path] or "null", b.convert)
             elif isinstance(state.values[b.from_stage], Failed):
                 value = state.values[b.from_stage]
             elif b.convert is not None and state.payloads[b.from_stage] is not None:
@@ -448,9 +597,9 @@ class Driver:
             kwargs[b.param] = value
         return kwargs
 
-    async def _condition(self, stage: Stage, i: int) -> bool:
+    async def _condition(self, stage: Stage, bindings: tuple[Binding, ...]) -> bool:
         assert stage.when is not None
-        result = stage.when(**self._kwargs(self.pipeline.when_bindings[i]))
+        result = stage.when(**self._kwargs(bindings))
         if hasattr(result, "__await__"):
             result = await result
         return bool(result)
@@ -478,12 +627,15 @@ class Driver:
                 {"stage_index": i + 1},
             )
         else:
+            output = payload
+            if stages[i].kind == "parallel":
+                output = codec.encode(value).decode()
             await self._commit(
                 [done, NewTransition("completed", len(stages))],
                 {
                     "stage_index": len(stages),
                     "status": "succeeded",
-                    "output": payload,
+                    "output": output,
                     "lease_owner": None,
                     "lease_expires": None,
                 },
@@ -496,9 +648,14 @@ class Driver:
     async def _pause(
         self, i: int, stage: Stage, sig: PauseSignal, attempt: int, *, gate: bool
     ) -> None:
-        if sig.child is not None:  # a child paused: show its pause as ours
-            pause = msgspec.structs.replace(sig.child, stage_index=i, stage_name=stage.name)
-            await self._commit_pause(i, stage, pause, attempt)
+        if sig.pauses is not None:  # children or branches paused: show their pauses as ours
+            pauses = [
+                msgspec.structs.replace(
+                    p, stage_index=i, stage_name=stage.name, stage_path=p.stage_path or stage.name
+                )
+                for p in sig.pauses
+            ]
+            await self._commit_pause(i, stage, pauses, attempt)
             return
         try:
             schema = codec.json_schema(sig.schema)
@@ -511,29 +668,40 @@ class Driver:
                 ),
             )
             return
-        pause = Pause(
-            pause_id=f"{stage.name}#{sig.number}",
+        pause = self._pause_of(self.pipeline.slots[i], stage, sig, schema, gate)
+        await self._commit_pause(i, stage, [pause], attempt)
+
+    def _pause_of(
+        self, slot: Slot, stage: Stage, sig: PauseSignal, schema: dict[str, Any], gate: bool
+    ) -> Pause:
+        return Pause(
+            pause_id=f"{slot.path}#{sig.number}",
             kind=sig.kind,
             reason=sig.reason,
-            stage_index=i,
-            stage_name=stage.name,
+            stage_index=slot.index,
+            stage_name=self.pipeline.stages[slot.index].name,
             schema=schema,
             gate=gate,
             number=sig.number,
             schema_ref=codec.type_ref(sig.schema),
             created_at=time.time(),
             run_id=self.run_id,
+            stage_path=slot.path,
         )
-        await self._commit_pause(i, stage, pause, attempt)
 
-    async def _commit_pause(self, i: int, stage: Stage, pause: Pause, attempt: int) -> None:
-        payload = codec.encode(pause).decode()
+    async def _commit_pause(self, i: int, stage: Stage, pauses: list[Pause], attempt: int) -> None:
+        payload = codec.encode(pauses).decode()
         await self._commit(
             [NewTransition("paused", i, stage.name, attempt, payload=payload)],
             {"status": "paused", "pause": payload, "lease_owner": None, "lease_expires": None},
         )
         self.outcome = "paused"
-        log.info("run %s paused at %s (%s)", self.run_id, stage.name, pause.kind)
+        log.info(
+            "run %s paused at %s (%s)",
+            self.run_id,
+            stage.name,
+            ", ".join(p.kind for p in pauses),
+        )
 
     async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
         err = codec.encode(error_info(exc, stage, i)).decode()

@@ -95,7 +95,7 @@ class _OffsetWait(tenacity.wait.wait_base):
             retry_state.attempt_number -= self.offset
 
 
-StageKind = Literal["stage", "gate", "child"]
+StageKind = Literal["stage", "gate", "child", "parallel"]
 
 
 class Stage:
@@ -111,6 +111,7 @@ class Stage:
         "context_param",
         "continue_on_error",
         "fn",
+        "group",
         "is_async",
         "kind",
         "name",
@@ -137,6 +138,7 @@ class Stage:
         reason: str | None = None,
         continue_on_error: bool = False,
         compose: Any = None,
+        group: Any = None,
     ) -> None:
         from .context import StageContext
 
@@ -157,6 +159,8 @@ class Stage:
         self.continue_on_error = continue_on_error
         self.compose = compose
         """For a `child` stage: how it launches child runs (see `compose.ChildSpec`)."""
+        self.group = group
+        """For a `parallel` group: its branches (see `parallel.ParallelSpec`)."""
         self.context_param: str | None = None
         self.is_async = False
         params: list[Param] = []
