@@ -108,17 +108,19 @@ class StageSpan(msgspec.Struct, kw_only=True):
 
 def timeline(history: Sequence[Transition]) -> list[StageSpan]:
     """Fold a run's journal into one `StageSpan` per stage it reached, in stage order."""
-    spans: dict[int, StageSpan] = {}
-    paused_since: dict[int, datetime] = {}
+    # Branches of a parallel group (`group.branch`) get spans of their own, listed under
+    # their group's, so their times can be read side by side.
+    spans: dict[tuple[int, str], StageSpan] = {}
+    paused_since: dict[tuple[int, str], datetime] = {}
     # `retry` of a failed run restarts a stage's attempt numbers at 1: count on from before.
-    offset: dict[int, int] = {}
+    offset: dict[tuple[int, str], int] = {}
     for t in history:
-        i = t.stage_index
-        if i is None or t.event in ("created", "completed"):
+        if t.stage_index is None or t.event in ("created", "completed"):
             continue
+        i = (t.stage_index, t.stage_path if t.stage_path and "." in t.stage_path else "")
         span = spans.get(i)
         if span is None:
-            span = spans[i] = StageSpan(stage_index=i, stage=t.stage_path)
+            span = spans[i] = StageSpan(stage_index=t.stage_index, stage=t.stage_path)
         if span.stage is None:
             span.stage = t.stage_path
         if span.started_at is None:
@@ -144,9 +146,8 @@ def timeline(history: Sequence[Transition]) -> list[StageSpan]:
             span.attempts = max(span.attempts, attempt)
             span.outcome = "paused"
             paused_since[i] = t.at
-            if isinstance(t.payload, dict):
-                kind = t.payload.get("kind")
-                span.pause_kind = kind if isinstance(kind, str) else None
+            kinds = [p.get("kind") for p in _pauses(t.payload)]
+            span.pause_kind = ", ".join(k for k in kinds if isinstance(k, str)) or None
         elif event == "resumed":
             since = paused_since.pop(i, None)
             if since is not None:
@@ -499,11 +500,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 # -- history ------------------------------------------------------------------------------------
 
 
+def _pauses(payload: Any) -> list[dict[str, Any]]:
+    """The pauses in a `paused` row's payload (a list; a single object in old rows)."""
+    if isinstance(payload, dict):
+        return [payload]
+    if isinstance(payload, list):
+        return [p for p in payload if isinstance(p, dict)]
+    return []
+
+
 def _detail(t: Transition) -> str:
     payload = t.payload
-    if t.event == "paused" and isinstance(payload, dict):
-        reason = payload.get("reason")
-        return f"{payload.get('kind')}" + (f": {reason}" if reason else "")
+    if t.event == "paused" and _pauses(payload):
+        parts = []
+        for p in _pauses(payload):
+            reason = p.get("reason")
+            parts.append(f"{p.get('kind')}" + (f": {reason}" if reason else ""))
+        return "; ".join(parts)
     if t.event == "recovered" and isinstance(payload, dict):
         return f"taken over from {payload.get('previous_owner') or 'a stopped engine'}"
     if t.event == "retrying" and t.error is not None:

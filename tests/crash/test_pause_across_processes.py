@@ -72,7 +72,7 @@ async def test_pause_in_one_process_resume_in_another(tmp_path: Path, a_ends_by:
     # Durable as paused, owned by nobody: there is nothing to recover, only to resume.
     status, owner, pause = raw_run(db, run_id)
     assert (status, owner) == ("paused", None)
-    assert pause is not None and json.loads(pause)["pause_id"] == "approval#0"
+    assert pause is not None and json.loads(pause)[0]["pause_id"] == "approval#0"
     assert integrity(db) == [("ok",)]
     assert executions(side_lines(side)) == {(run_id, "prepare"): 1}
 
@@ -227,7 +227,7 @@ async def test_ctx_pause_twice_answered_in_two_processes(tmp_path: Path) -> None
 
     resumed = [t.payload for t in history if t.event == "resumed"]
     assert resumed == [{"text": "alpha"}, {"text": "beta"}]
-    paused = [t.payload["pause_id"] for t in history if t.event == "paused"]
+    paused = [t.payload[0]["pause_id"] for t in history if t.event == "paused"]
     assert paused == ["interview#0", "interview#1"]
     assert [(t.stage_index, t.payload) for t in history if t.event == "succeeded"] == [
         (0, "3:alpha/beta"),
@@ -309,7 +309,7 @@ async def test_sigkill_between_resume_and_next_pause(tmp_path: Path) -> None:
     ]
     recovered = [t for t in history if t.event == "recovered"]
     assert len(recovered) == 1 and recovered[0].stage_index == 0
-    assert [t.payload["pause_id"] for t in history if t.event == "paused"] == [
+    assert [t.payload[0]["pause_id"] for t in history if t.event == "paused"] == [
         "interview#0",
         "interview#1",
     ]

@@ -268,7 +268,8 @@ class Pipeline:
         stage = self.stages[index]
         if path and path != stage.name and stage.group is not None:
             name = path.split(".", 1)[-1]
-            for branch in stage.group.branches:
+            branches: tuple[Stage, ...] = stage.group.branches
+            for branch in branches:
                 if branch.name == name:
                     return branch
         return stage
