@@ -21,8 +21,8 @@ demo: install
 	$(BIN)/python examples/expense_demo.py
 
 lint: install
-	$(BIN)/ruff check waystation tests benchmarks examples
-	$(BIN)/ruff format --check waystation tests benchmarks examples
+	$(BIN)/ruff check waystation tests examples $(wildcard benchmarks)
+	$(BIN)/ruff format --check waystation tests examples $(wildcard benchmarks)
 
 typecheck: install
 	$(BIN)/mypy --strict waystation
