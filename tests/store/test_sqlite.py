@@ -100,7 +100,7 @@ async def test_a_failing_write_does_not_sink_its_batch(db: Path) -> None:
         dup = NewTransition("dup", 0)
 
         async def duplicate() -> None:
-            def op(conn: sqlite3.Connection) -> None:
+            def op(conn: sqlite3.Connection, rows: object) -> None:
                 conn.execute(
                     "INSERT INTO transitions (run_id, seq, event, at) VALUES ('r1', 1, 'dup', 0)"
                 )
@@ -146,8 +146,10 @@ async def test_wal_and_synchronous_settings(db: Path) -> None:
             writer = store._writer
             assert writer is not None
             conn = writer._conn
-            mode = await store._write(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
-            sync = await store._write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+            mode = await store._write(
+                lambda c, rows: c.execute("PRAGMA journal_mode").fetchone()[0]
+            )
+            sync = await store._write(lambda c, rows: c.execute("PRAGMA synchronous").fetchone()[0])
             assert conn is not None and mode == "wal" and sync == expected
         finally:
             await store.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 RunStatus = Literal["pending", "running", "paused", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
@@ -60,9 +60,9 @@ class TransitionRecord:
     at: float
 
 
-@dataclass(frozen=True, slots=True)
-class NewTransition:
-    """A journal row to append; the store assigns `seq` and `at`."""
+class NewTransition(NamedTuple):
+    """A journal row to append; the store assigns `seq` and `at`. (A NamedTuple: one is
+    made per stage, and a tuple is the cheapest thing Python builds.)"""
 
     event: str
     stage_index: int | None = None

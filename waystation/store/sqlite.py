@@ -47,7 +47,9 @@ _INSERT_TRANSITION = (
 )
 _MAX_BATCH = 2000
 
-WriteOp = Callable[[sqlite3.Connection], Any]
+WriteOp = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], Any]
+"""A write: runs on the writer thread inside the batch's transaction. Journal rows it
+appends to the list are inserted with one executemany for the whole batch, before COMMIT."""
 
 
 def _run(row: Any) -> RunRecord:
@@ -119,9 +121,12 @@ class _Writer:
     def _commit(self, batch: list[tuple[WriteOp, asyncio.Future[Any]]]) -> None:
         conn = self._conn
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [op(conn) for op, _ in batch]
+            results = [op(conn, rows) for op, _ in batch]
+            if rows:
+                conn.executemany(_INSERT_TRANSITION, rows)
             conn.execute("COMMIT")
             outcomes = [(f, True, r) for (_, f), r in zip(batch, results, strict=True)]
         except BaseException:
@@ -130,8 +135,11 @@ class _Writer:
             # One bad write must not sink its neighbours: redo each in its own transaction.
             for op, future in batch:
                 try:
+                    rows = []
                     conn.execute("BEGIN IMMEDIATE")
-                    result = op(conn)
+                    result = op(conn, rows)
+                    if rows:
+                        conn.executemany(_INSERT_TRANSITION, rows)
                     conn.execute("COMMIT")
                     outcomes.append((future, True, result))
                 except BaseException as exc:
@@ -237,7 +245,7 @@ class SQLiteStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def create_run(self, run: NewRun) -> tuple[bool, RunRecord]:
-        def op(conn: sqlite3.Connection) -> tuple[bool, Any]:
+        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[bool, Any]:
             now = time.time()
             if run.idempotency_key is not None:
                 row = conn.execute(
@@ -277,7 +285,7 @@ class SQLiteStore:
                     now,
                 ),
             )
-            _append(conn, run.run_id, 0, run.transitions, now)
+            _append(rows, run.run_id, 0, run.transitions, now)
             row = conn.execute(
                 f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
             ).fetchone()
@@ -294,9 +302,8 @@ class SQLiteStore:
         values: dict[str, Any] | None = None,
     ) -> int | None:
         values = values or {}
-        unknown = set(values) - RUN_COLUMNS
-        if unknown:
-            raise ValueError(f"cannot set run columns {sorted(unknown)}")
+        if not RUN_COLUMNS.issuperset(values):
+            raise ValueError(f"cannot set run columns {sorted(set(values) - RUN_COLUMNS)}")
         columns = tuple(values)
         key = (
             columns,
@@ -325,20 +332,20 @@ class SQLiteStore:
             tail.append(guard.seq)
         column_values = [values[c] for c in columns]
 
-        def op(conn: sqlite3.Connection) -> int | None:
+        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int | None:
             now = time.time()
             row = conn.execute(sql, (n, now, *column_values, *tail)).fetchone()
             if row is None:
                 return None
             new_seq: int = row[0]
-            _append(conn, run_id, new_seq - n, transitions, now)
+            _append(rows, run_id, new_seq - n, transitions, now)
             return new_seq
 
         result: int | None = await self._write(op)
         return result
 
     async def renew_leases(self, owner: str, expires: float) -> int:
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
             cur = conn.execute(
                 "UPDATE runs SET lease_expires = ? WHERE lease_owner = ? "
                 "AND status IN ('pending', 'running')",
@@ -350,7 +357,7 @@ class SQLiteStore:
         return count
 
     async def release_leases(self, owner: str) -> int:
-        def op(conn: sqlite3.Connection) -> int:
+        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
             cur = conn.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?",
                 (owner,),
@@ -363,7 +370,7 @@ class SQLiteStore:
     async def spend(
         self, root_run_id: str, name: str, amount: float, limit: float | None
     ) -> float | None:
-        def op(conn: sqlite3.Connection) -> float | None:
+        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> float | None:
             row = conn.execute(
                 "SELECT spent FROM budgets WHERE root_run_id = ? AND name = ?",
                 (root_run_id, name),
@@ -382,7 +389,7 @@ class SQLiteStore:
         return result
 
     async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
-        count: int = await self._write(lambda conn: _prune(conn, before, statuses, limit))
+        count: int = await self._write(lambda conn, rows: _prune(conn, before, statuses, limit))
         return count
 
     # -- reads -------------------------------------------------------------------------------
@@ -506,28 +513,13 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
 
 
 def _append(
-    conn: sqlite3.Connection,
+    rows: list[tuple[Any, ...]],
     run_id: str,
     first_seq: int,
     transitions: Sequence[NewTransition],
     now: float,
 ) -> None:
-    if not transitions:
-        return
-    conn.executemany(
-        _INSERT_TRANSITION,
-        [
-            (
-                run_id,
-                first_seq + i + 1,
-                t.stage_index,
-                t.stage_path,
-                t.event,
-                t.attempt,
-                t.payload,
-                t.error,
-                now,
-            )
-            for i, t in enumerate(transitions)
-        ],
-    )
+    seq = first_seq
+    for event, stage_index, stage_path, attempt, payload, error in transitions:
+        seq += 1
+        rows.append((run_id, seq, stage_index, stage_path, event, attempt, payload, error, now))
