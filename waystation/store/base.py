@@ -43,6 +43,7 @@ class RunRecord:
     replay_of: str | None
     created_at: float
     updated_at: float
+    wake_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ RUN_COLUMNS: frozenset[str] = frozenset(
         "input",
         "fingerprint",
         "pipeline_version",
+        "wake_at",
     }
 )
 """Columns an update may set (anything else is refused; no SQL is built from user strings)."""
@@ -123,6 +125,7 @@ class NewRun:
     lease_expires: float | None = None
     stage_index: int = 0
     replay_of: str | None = None
+    wake_at: float | None = None
     transitions: list[NewTransition] = field(default_factory=list)
 
 
@@ -185,6 +188,23 @@ class Store(Protocol):
 
     async def tree(self, root_run_id: str) -> list[RunRecord]:
         """Every run of the tree under `root_run_id`, the root included."""
+
+    async def transitions_since(
+        self,
+        after: tuple[float, str, int],
+        *,
+        run_id: str | None = None,
+        root_run_id: str | None = None,
+        limit: int = 500,
+    ) -> list[TransitionRecord]:
+        """Journal rows after the cursor (at, run_id, seq), in that order, optionally only
+        those of one run or of one tree (for live events across processes)."""
+
+    async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
+        """Pending runs whose `wake_at` has come, and paused runs whose pause expired."""
+
+    async def next_wake(self) -> float | None:
+        """The earliest `wake_at` of any pending or paused run."""
 
     async def count_stage_executions(self, root_run_id: str) -> int:
         """Stage executions (started and retried attempts) over a whole tree."""

@@ -38,7 +38,7 @@ Durability = Literal["full", "normal"]
 _RUN_FIELDS = (
     "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
     "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
-    "lease_expires, cancel_requested, replay_of, created_at, updated_at"
+    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
 )
 _TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
 _INSERT_TRANSITION = (
@@ -263,7 +263,8 @@ class SQLiteStore:
                 "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
                 "stage_index, seq, input, parent_run_id, root_run_id, run_kind, depth, "
                 "idempotency_key, lease_owner, lease_expires, replay_of, created_at, "
-                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "updated_at, wake_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     run.run_id,
                     run.pipeline,
@@ -283,6 +284,7 @@ class SQLiteStore:
                     run.replay_of,
                     now,
                     now,
+                    run.wake_at,
                 ),
             )
             _append(rows, run.run_id, 0, run.transitions, now)
@@ -445,6 +447,49 @@ class SQLiteStore:
         ) as cur:
             rows = await cur.fetchall()
         return [_run(r) for r in rows]
+
+    async def transitions_since(
+        self,
+        after: tuple[float, str, int],
+        *,
+        run_id: str | None = None,
+        root_run_id: str | None = None,
+        limit: int = 500,
+    ) -> list[TransitionRecord]:
+        at, rid, seq = after
+        where = "(at, run_id, seq) > (?, ?, ?)"
+        params: list[Any] = [at, rid, seq]
+        if run_id is not None:
+            where += " AND run_id = ?"
+            params.append(run_id)
+        if root_run_id is not None:
+            where += " AND run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)"
+            params.append(root_run_id)
+        params.append(limit)
+        async with self._r.execute(
+            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE {where} "
+            "ORDER BY at, run_id, seq LIMIT ?",
+            params,
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_transition(r) for r in rows]
+
+    async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
+        async with self._r.execute(
+            f"SELECT {_RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
+            "AND status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_run(r) for r in rows]
+
+    async def next_wake(self) -> float | None:
+        async with self._r.execute(
+            "SELECT MIN(wake_at) FROM runs WHERE wake_at IS NOT NULL "
+            "AND status IN ('pending', 'paused')"
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     async def count_stage_executions(self, root_run_id: str) -> int:
         async with self._r.execute(
