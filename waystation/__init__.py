@@ -6,13 +6,14 @@ Everything public is importable from here; other module paths are private.
 """
 
 from .engine.children import Limits
+from .engine.clock import Clock, ManualClock, SystemClock
 from .engine.compose import branch, loop, map_children
 from .engine.context import StageContext
 from .engine.engine import Engine
 from .engine.models import Failed, Pause, Run, RunTree, StageError, Transition
 from .engine.parallel import parallel
 from .engine.pipeline import InputField, Pipeline
-from .engine.stage import Retry, Stage, gate, stage
+from .engine.stage import Retry, Stage, gate, sleep_stage, stage, wait_until
 from .errors import (
     BudgetExceeded,
     ChildFailed,
@@ -22,6 +23,7 @@ from .errors import (
     NotAWaystationDatabase,
     NotPaused,
     ParallelFailed,
+    PauseExpired,
     PipelineChanged,
     PipelineDefinitionError,
     PipelineNotRegistered,
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetExceeded",
     "ChildFailed",
+    "Clock",
     "Engine",
     "Failed",
     "InputField",
@@ -49,10 +52,12 @@ __all__ = [
     "InvalidResumeInput",
     "InvalidRunState",
     "Limits",
+    "ManualClock",
     "NotAWaystationDatabase",
     "NotPaused",
     "ParallelFailed",
     "Pause",
+    "PauseExpired",
     "Pipeline",
     "PipelineChanged",
     "PipelineDefinitionError",
@@ -71,6 +76,7 @@ __all__ = [
     "StageTimeout",
     "Store",
     "StoreError",
+    "SystemClock",
     "Transition",
     "WaitTimeout",
     "WaystationError",
@@ -80,5 +86,7 @@ __all__ = [
     "loop",
     "map_children",
     "parallel",
+    "sleep_stage",
     "stage",
+    "wait_until",
 ]

@@ -82,3 +82,7 @@ class WaitTimeout(WaystationError, TimeoutError):
 
 class ParallelFailed(WaystationError):
     """Branches of a parallel group failed; the message names each branch and its error."""
+
+
+class PauseExpired(WaystationError):
+    """A pause with `expires_after` was not answered in time (and its gate says fail)."""

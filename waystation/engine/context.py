@@ -38,6 +38,15 @@ class PauseSignal(BaseException):
         stage's run shows as its own."""
 
 
+class SleepSignal(BaseException):
+    """Unwinds a stage that sleeps (`ctx.sleep`): the run is parked until `wake_at`."""
+
+    def __init__(self, wake_at: float, number: int) -> None:
+        super().__init__(wake_at)
+        self.wake_at = wake_at
+        self.number = number
+
+
 class StageContext:
     """Handed to a stage that declares a parameter annotated `StageContext`.
 
@@ -51,6 +60,8 @@ class StageContext:
         "_calls",
         "_driver",
         "_pauses",
+        "_sleeps",
+        "_slept",
         "attempt",
         "input",
         "pipeline",
@@ -73,6 +84,7 @@ class StageContext:
         input: Any,
         results: Mapping[str, Any],
         answers: list[str],
+        sleeps: list[float] | None = None,
         driver: Driver | None = None,
     ) -> None:
         self.run_id = run_id
@@ -86,6 +98,8 @@ class StageContext:
         self.results = results
         self._answers = answers
         self._pauses = 0
+        self._sleeps = sleeps if sleeps is not None else []
+        self._slept = 0
         self._calls = 0
         self._driver = driver
 
@@ -118,6 +132,21 @@ class StageContext:
         if number < len(self._answers):
             return codec.decode(self._answers[number], schema)
         raise PauseSignal(kind, schema, reason, number)
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep durably: the wake-up time is committed, the run is parked (no memory, no
+        worker) and, when the time comes (after a restart too), the stage runs again from
+        its start and this call returns at once. As with `pause`, code before it runs
+        again: keep it free of side effects. For a plain wait, prefer `ws.sleep_stage`."""
+        number = self._slept
+        self._slept += 1
+        driver = self._require_driver()
+        if number < len(self._sleeps):
+            wake_at = self._sleeps[number]
+            if driver.clock.time() >= wake_at:
+                return
+            raise SleepSignal(wake_at, number)
+        raise SleepSignal(driver.clock.time() + max(0.0, seconds), number)
 
     # -- children ----------------------------------------------------------------------------
 

@@ -48,9 +48,11 @@ from ..store.base import (
 )
 from ..store.sqlite import Durability, SQLiteStore
 from .children import ChildRunner, Limits
+from .clock import Clock, SystemClock
 from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
 from .pipeline import Pipeline
-from .runner import Driver, RunState
+from .runner import Driver, RunState, expiry_of
+from .timers import Timers
 
 log = logging.getLogger("waystation")
 
@@ -120,6 +122,7 @@ class Engine:
         budgets: Mapping[str, float] | None = None,
         workspace_root: str | os.PathLike[str] | None = None,
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
+        clock: Clock | None = None,
     ) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
@@ -141,6 +144,10 @@ class Engine:
         self.workspace_root = Path(workspace_root).absolute()
         self.workspace_policy = workspace_policy
         self.children = ChildRunner(self)
+        self.clock: Clock = clock or SystemClock()
+        """The time of durable sleeps, scheduled starts and pause expiry (leases use the
+        real time: they are about processes being alive)."""
+        self.timers = Timers(self)
         self._active: dict[str, Driver] = {}
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
@@ -167,6 +174,7 @@ class Engine:
         budgets: Mapping[str, float] | None = None,
         workspace_root: str | os.PathLike[str] | None = None,
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
+        clock: Clock | None = None,
     ) -> Engine:
         """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
 
@@ -198,6 +206,7 @@ class Engine:
             budgets=budgets,
             workspace_root=workspace_root,
             workspace_policy=workspace_policy,
+            clock=clock,
         )
 
     def __await__(self) -> Generator[Any, None, Engine]:
@@ -238,6 +247,8 @@ class Engine:
         async with anyio.create_task_group() as tg:
             self._task_group = tg
             tg.start_soon(self._maintain)
+            if self._recover_on_open:
+                tg.start_soon(self.timers.run)
             self._ready.set()
             await self._stop.wait()
             tg.cancel_scope.cancel()
@@ -345,11 +356,14 @@ class Engine:
         *,
         run_id: str | None = None,
         idempotency_key: str | None = None,
+        not_before: datetime | float | None = None,
     ) -> Run:
         """Create a run and start driving it; returns at once with the run as created.
 
         With an `idempotency_key` or `run_id` that already exists, nothing is created and the
         existing run is returned (a different pipeline under the same id is an error).
+        With `not_before` (a datetime or Unix time on the engine's clock) the run is created
+        `pending` and parked; a worker starts it when the time comes.
         """
         self._check_open()
         p = self._resolve(pipeline)
@@ -364,21 +378,34 @@ class Engine:
         ):
             raise InvalidInput("idempotency_key must be a string of 1-512 characters")
         rid = run_id or new_run_id()
+        wake_at = None
+        if not_before is not None:
+            wake_at = not_before.timestamp() if isinstance(not_before, datetime) else not_before
+            if wake_at <= self.clock.time():
+                wake_at = None
+        scheduled = [
+            NewTransition("scheduled", payload=codec.encode({"not_before": wake_at}).decode())
+        ]
         created, record = await self.store.create_run(
             NewRun(
                 run_id=rid,
                 pipeline=p.name,
                 pipeline_version=p.version,
                 fingerprint=p.fingerprint,
-                status="running",
+                status="running" if wake_at is None else "pending",
                 input=text,
                 root_run_id=rid,
                 idempotency_key=idempotency_key,
-                lease_owner=self.owner,
-                lease_expires=time.time() + self.lease_ttl,
+                lease_owner=self.owner if wake_at is None else None,
+                lease_expires=time.time() + self.lease_ttl if wake_at is None else None,
+                wake_at=wake_at,
                 transitions=[
                     NewTransition("created"),
-                    NewTransition("started", 0, p.stages[0].name, 1),
+                    *(
+                        [NewTransition("started", 0, p.stages[0].name, 1)]
+                        if wake_at is None
+                        else scheduled
+                    ),
                 ],
             )
         )
@@ -387,6 +414,10 @@ class Engine:
                 raise RunAlreadyExists(
                     f"run {record.run_id} already exists for pipeline {record.pipeline!r}"
                 )
+            return self._to_run(record)
+        if wake_at is not None:
+            log.info("run %s scheduled (%s v%s) for %s", rid, p.name, p.version, wake_at)
+            self.timers.changed()
             return self._to_run(record)
         log.info("run %s started (%s v%s)", rid, p.name, p.version)
         self._launch(Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed)))
@@ -413,6 +444,7 @@ class Engine:
             "limiter": self._limiter,
             "pipeline": pipeline,
             "children": self.children,
+            "clock": self.clock,
         }
 
     def _launch_new(self, pipeline: Pipeline, state: RunState) -> None:
@@ -549,8 +581,11 @@ class Engine:
             transitions.append(NewTransition("succeeded", i, path, 1, payload=answer))
         if remaining:
             values["pause"] = codec.encode(remaining).decode()
+            values["wake_at"] = expiry_of(remaining, record.run_id)
             return transitions, values
-        values.update(pause=None, status="pending", lease_owner=None, lease_expires=None)
+        values.update(
+            pause=None, status="pending", lease_owner=None, lease_expires=None, wake_at=None
+        )
         if p is None:
             return transitions, values
         values.update(

@@ -36,6 +36,8 @@ class Pause(msgspec.Struct, frozen=True, kw_only=True):
     """The stage, or `group.branch` for a branch of a parallel group, that paused."""
     origin_id: str | None = None
     """For a pause shown by a parent: the pause's id in the run that waits (`run_id`)."""
+    expires_at: float | None = None
+    """When the pause expires (Unix time); None: never."""
 
 
 _pause_list = msgspec.json.Decoder(list[Pause])

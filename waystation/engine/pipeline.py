@@ -12,7 +12,7 @@ import hashlib
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -83,6 +83,7 @@ class Pipeline:
         input: type | None = None,
         limits: Limits | None = None,
         budgets: Mapping[str, float] | None = None,
+        on_failure: Literal["fail", "compensate"] = "fail",
     ) -> None:
         if not isinstance(name, str) or not name or len(name) > 200 or not name.isprintable():
             raise PipelineDefinitionError(f"pipeline name {name!r} must be printable, 1-200 chars")
@@ -92,6 +93,11 @@ class Pipeline:
         """Overrides the engine's tree limits for children launched by this pipeline."""
         self.budgets: dict[str, float] = dict(budgets or {})
         """Limits of named budgets (`ctx.spend`) for trees run under this pipeline."""
+        if on_failure not in ("fail", "compensate"):
+            raise PipelineDefinitionError("on_failure must be 'fail' or 'compensate'")
+        self.on_failure = on_failure
+        """With "compensate", a failed run first runs the `compensate` functions of its
+        completed stages, last first (a saga)."""
         self.stages: tuple[Stage, ...] = tuple(
             s.as_stage() if isinstance(s, Pipeline) else s for s in stages
         )

@@ -18,6 +18,7 @@ import traceback
 import typing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,13 +29,14 @@ from ..errors import ParallelFailed, StageOutputError, StageTimeout, WaystationE
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
 from .compose import run_composite
-from .context import PauseSignal, StageContext
+from .context import PauseSignal, SleepSignal, StageContext
 from .models import Failed, Pause, StageError
 from .pipeline import Binding, Pipeline, Slot
 from .stage import Stage
 
 if TYPE_CHECKING:
     from .children import ChildRunner
+    from .clock import Clock
 
 log = logging.getLogger("waystation")
 
@@ -64,6 +66,12 @@ class RunState:
     """Failed attempts so far per slot (from the journal's retrying rows)."""
     branch_payloads: dict[str, str | None] = field(default_factory=dict)
     """Stored outputs of finished parallel branches, by `group.branch` path."""
+    sleeps: dict[int | str, list[float]] = field(default_factory=dict)
+    """Committed wake-up times per slot, in order (sleep stages and `ctx.sleep`)."""
+    compensating: str | None = None
+    """The failure (as stored JSON) whose compensation is under way, after a crash."""
+    compensated: set[int] = field(default_factory=set)
+    """Stages whose compensation already ran (or failed): never run twice."""
     generations: dict[int, int] = field(default_factory=dict)
     """How often `engine.retry` restarted each stage (part of its children's keys)."""
     root_run_id: str = ""
@@ -134,6 +142,14 @@ class RunState:
                 state.payloads[i] = codec.encode(failed).decode()
             elif row.event == "resumed" and row.payload is not None:
                 state.answers.setdefault(i, []).append(row.payload)
+            elif row.event == "sleeping" and row.payload is not None:
+                state.sleeps.setdefault(i, []).append(
+                    float(codec.decode_any(row.payload)["wake_at"])
+                )
+            elif row.event == "compensating":
+                state.compensating = row.error
+            elif row.event in ("compensated", "compensation_failed"):
+                state.compensated.add(i)
         return state
 
     def _load_branch(self, pipeline: Pipeline, i: int, row: TransitionRecord) -> None:
@@ -152,6 +168,13 @@ class RunState:
             self.attempts[path] = max(self.attempts.get(path, 0), row.attempt)
         elif row.event == "resumed" and row.payload is not None:
             self.answers.setdefault(path, []).append(row.payload)
+
+
+def expiry_of(pauses: list[Pause], run_id: str) -> float | None:
+    """When the earliest of this run's own pauses expires (None: never). Pauses shown for
+    children are the children's to expire."""
+    times = [p.expires_at for p in pauses if p.expires_at is not None and p.run_id == run_id]
+    return min(times) if times else None
 
 
 def _fields(pipeline: Pipeline, typed_input: Any) -> dict[str, Any]:
@@ -229,6 +252,7 @@ class Driver:
         pipeline: Pipeline,
         state: RunState,
         children: ChildRunner,
+        clock: Clock,
         claim: RunRecord | None = None,
     ) -> None:
         self.store = store
@@ -238,6 +262,7 @@ class Driver:
         self.pipeline = pipeline
         self.state = state
         self.children = children
+        self.clock = clock
         self.claim = claim
         """When set, the run is recovered: take its lease (guarded on this row) first."""
         self.outcome: str | None = None
@@ -308,6 +333,10 @@ class Driver:
     async def _steps(self) -> None:
         stages = self.pipeline.stages
         i = self.state.stage_index
+        if self.state.compensating is not None and i < len(stages):
+            # The process died while compensating a failure: finish that, nothing else.
+            await self._finish_failure(i, stages[i], self.state.compensating)
+            return
         while i < len(stages):
             stage = stages[i]
             try:
@@ -319,6 +348,14 @@ class Driver:
                 if stage.kind == "parallel":
                     value = await self._run_group(stage, i)
                     await self._advance(i, value, None, "succeeded")
+                    i += 1
+                    continue
+                if stage.kind == "sleep":
+                    wake_at = await self._wake_time(stage, i)
+                    if self.clock.time() < wake_at:
+                        await self._park(self.pipeline.slots[i], wake_at, 0)
+                        return
+                    await self._advance(i, None, None, "succeeded")
                     i += 1
                     continue
                 if stage.kind == "gate":
@@ -344,6 +381,9 @@ class Driver:
                 return
             except PauseSignal as sig:
                 await self._pause(i, stage, sig, self._attempt_of(i), gate=False)
+                return
+            except SleepSignal as sig:
+                await self._park(self.pipeline.slots[i], sig.wake_at, sig.number)
                 return
             except _Lost:
                 raise
@@ -473,6 +513,17 @@ class Driver:
                 value, payload = codec.decode(answers[-1], branch.schema), answers[-1]
             else:
                 value, payload = await self._execute(branch, slot)
+        except SleepSignal:
+            exc = StageOutputError(
+                f"branch {slot.path!r}: ctx.sleep is not supported inside a parallel group; "
+                "put a sleep stage before or after the group"
+            )
+            errors.append((branch.name, exc))
+            err = codec.encode(error_info(exc, branch, i)).decode()
+            await self._commit(
+                [NewTransition("failed", i, slot.path, self._attempt_of(slot.key), error=err)]
+            )
+            return True
         except PauseSignal as sig:
             if sig.pauses is not None:  # a child pipeline branch paused
                 pauses.extend(msgspec.structs.replace(p, stage_path=slot.path) for p in sig.pauses)
@@ -572,6 +623,7 @@ class Driver:
             input=self.state.input,
             results={names[j].name: self.state.values[j] for j in range(i)},
             answers=self.state.answers.get(slot.key, []),
+            sleeps=self.state.sleeps.get(slot.key, []),
             driver=self,
         )
 
@@ -674,7 +726,11 @@ class Driver:
     def _pause_of(
         self, slot: Slot, stage: Stage, sig: PauseSignal, schema: dict[str, Any], gate: bool
     ) -> Pause:
+        expires_at = None
+        if gate and stage.expiry is not None:
+            expires_at = self.clock.time() + stage.expiry[0]
         return Pause(
+            expires_at=expires_at,
             pause_id=f"{slot.path}#{sig.number}",
             kind=sig.kind,
             reason=sig.reason,
@@ -693,9 +749,17 @@ class Driver:
         payload = codec.encode(pauses).decode()
         await self._commit(
             [NewTransition("paused", i, stage.name, attempt, payload=payload)],
-            {"status": "paused", "pause": payload, "lease_owner": None, "lease_expires": None},
+            {
+                "status": "paused",
+                "pause": payload,
+                "lease_owner": None,
+                "lease_expires": None,
+                "wake_at": expiry_of(pauses, self.run_id),
+            },
         )
         self.outcome = "paused"
+        if any(p.expires_at is not None for p in pauses):
+            self.children.engine.timers.changed()
         log.info(
             "run %s paused at %s (%s)",
             self.run_id,
@@ -705,12 +769,61 @@ class Driver:
 
     async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
         err = codec.encode(error_info(exc, stage, i)).decode()
+        if self.pipeline.on_failure == "compensate" and any(
+            s.compensate is not None for s in self.pipeline.stages[:i]
+        ):
+            # Durable first: after a crash from here on, recovery finishes the compensation.
+            await self._commit(
+                [NewTransition("compensating", i, stage.name, self._attempt_of(i), error=err)]
+            )
+        await self._finish_failure(i, stage, err)
+
+    async def _finish_failure(self, i: int, stage: Stage, err: str) -> None:
+        if self.pipeline.on_failure == "compensate":
+            await self._compensate(i)
         await self._commit(
             [NewTransition("failed", i, stage.name, self._attempt_of(i), error=err)],
             {"status": "failed", "error": err, "lease_owner": None, "lease_expires": None},
         )
         self.outcome = "failed"
-        log.warning("run %s failed at %s: %s: %s", self.run_id, stage.name, type(exc).__name__, exc)
+        error = msgspec.json.decode(err, type=StageError)
+        log.warning(
+            "run %s failed at %s: %s: %s", self.run_id, stage.name, error.type, error.message
+        )
+
+    async def _compensate(self, failed_at: int) -> None:
+        """Undo the completed stages before `failed_at`, last first, each once."""
+        stages = self.pipeline.stages
+        for j in reversed(range(failed_at)):
+            stage = stages[j]
+            if stage.compensate is None or j in self.state.compensated:
+                continue
+            value = self.state.values[j]
+            if isinstance(value, Failed) or (value is None and self.state.payloads[j] is None):
+                continue  # it failed or was skipped: nothing to undo
+            kwargs = self._kwargs(self.pipeline.bindings[j])
+            kwargs["output"] = value
+            wanted = inspect.signature(stage.compensate).parameters
+            kwargs = {k: v for k, v in kwargs.items() if k in wanted}
+            try:
+                result = stage.compensate(**kwargs)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.warning(
+                    "run %s: compensation of %s failed: %s: %s",
+                    self.run_id,
+                    stage.name,
+                    type(exc).__name__,
+                    exc,
+                )
+                info = codec.encode(error_info(exc, stage, j)).decode()
+                await self._commit(
+                    [NewTransition("compensation_failed", j, stage.name, error=info)]
+                )
+            else:
+                await self._commit([NewTransition("compensated", j, stage.name)])
+            self.state.compensated.add(j)
 
     async def _fail_and_continue(self, i: int, stage: Stage, exc: BaseException) -> None:
         info = error_info(exc, stage, i)
@@ -720,6 +833,35 @@ class Driver:
         )
         await self._advance(i, failed, codec.encode(failed).decode(), event)
         log.warning("run %s: stage %s failed, continuing: %s", self.run_id, stage.name, exc)
+
+    async def _wake_time(self, stage: Stage, i: int) -> float:
+        """When a sleep stage wakes: committed on first entry, read back after."""
+        recorded = self.state.sleeps.get(i)
+        if recorded:
+            return recorded[0]
+        seconds, until = stage.expiry
+        if until is None:
+            return float(self.clock.time() + seconds)
+        result = until(**self._kwargs(self.pipeline.bindings[i]))
+        if inspect.isawaitable(result):
+            result = await result
+        return result.timestamp() if isinstance(result, datetime) else float(result)
+
+    async def _park(self, slot: Slot, wake_at: float, number: int) -> None:
+        """Commit the wake-up time (once) and leave the run pending until then."""
+        recorded = self.state.sleeps.setdefault(slot.key, [])
+        rows = []
+        if number >= len(recorded):
+            payload = codec.encode({"wake_at": wake_at, "number": number}).decode()
+            rows.append(NewTransition("sleeping", slot.index, slot.path, payload=payload))
+            recorded.append(wake_at)
+        await self._commit(
+            rows,
+            {"status": "pending", "wake_at": wake_at, "lease_owner": None, "lease_expires": None},
+        )
+        self.outcome = "sleeping"
+        self.children.engine.timers.changed()
+        log.info("run %s sleeps at %s until %s", self.run_id, slot.path, wake_at)
 
     async def _cancelled(self, i: int, stage: Stage | None) -> None:
         seq = await self.store.update_run(

@@ -11,6 +11,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any, Literal, overload
 
 import tenacity
@@ -95,7 +96,7 @@ class _OffsetWait(tenacity.wait.wait_base):
             retry_state.attempt_number -= self.offset
 
 
-StageKind = Literal["stage", "gate", "child", "parallel"]
+StageKind = Literal["stage", "gate", "child", "parallel", "sleep"]
 
 
 class Stage:
@@ -107,9 +108,11 @@ class Stage:
     """
 
     __slots__ = (
+        "compensate",
         "compose",
         "context_param",
         "continue_on_error",
+        "expiry",
         "fn",
         "group",
         "is_async",
@@ -139,6 +142,8 @@ class Stage:
         continue_on_error: bool = False,
         compose: Any = None,
         group: Any = None,
+        compensate: Callable[..., Any] | None = None,
+        expiry: Any = None,
     ) -> None:
         from .context import StageContext
 
@@ -161,6 +166,12 @@ class Stage:
         """For a `child` stage: how it launches child runs (see `compose.ChildSpec`)."""
         self.group = group
         """For a `parallel` group: its branches (see `parallel.ParallelSpec`)."""
+        self.compensate = compensate
+        """Undoes the stage when a later stage fails (pipelines with on_failure="compensate");
+        called with what the stage received plus its output as `output`."""
+        self.expiry = expiry
+        """For a gate: (seconds, on_expire); for a sleep stage: (seconds or None, wake_at
+        function or None)."""
         self.context_param: str | None = None
         self.is_async = False
         params: list[Param] = []
@@ -234,6 +245,7 @@ def stage(
     timeout: float | None = None,
     when: Callable[..., Any] | None = None,
     continue_on_error: bool = False,
+    compensate: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Stage]: ...
 
 
@@ -246,6 +258,7 @@ def stage(
     timeout: float | None = None,
     when: Callable[..., Any] | None = None,
     continue_on_error: bool = False,
+    compensate: Callable[..., Any] | None = None,
 ) -> Stage | Callable[[Callable[..., Any]], Stage]:
     """Make a function a pipeline stage: `@stage` or `@stage(retry=..., timeout=..., when=...)`.
 
@@ -254,6 +267,8 @@ def stage(
     function bound like a stage; when it returns false the stage is skipped and outputs None.
     With `continue_on_error`, a failure (after retries) is journaled and the run goes on:
     the stage's output is then a `ws.Failed`, which later stages may bind.
+    `compensate` undoes the stage if a later one fails, in a pipeline with
+    `on_failure="compensate"`: it gets the stage's parameters (by name) and `output`.
     """
 
     def wrap(f: Callable[..., Any]) -> Stage:
@@ -266,11 +281,15 @@ def stage(
             timeout=timeout,
             when=when,
             continue_on_error=continue_on_error,
+            compensate=compensate,
         )
 
     if fn is not None:
         return wrap(fn)
     return wrap
+
+
+_FAIL = "fail"
 
 
 def gate(
@@ -279,11 +298,54 @@ def gate(
     schema: Any = Any,
     reason: str | None = None,
     when: Callable[..., Any] | None = None,
+    expires_after: timedelta | float | None = None,
+    on_expire: Any = _FAIL,
 ) -> Stage:
     """A stage that only pauses, for a person's answer.
 
     The run pauses here with `run.pause.kind == name`; `engine.resume(run_id, value)` checks
     `value` against `schema` and commits it as this stage's output, and the run continues at
     the next stage. Nothing before the gate runs again.
+
+    No pause expires unless `expires_after` is given (a person may take a week). Then, once
+    that time has passed, the run either fails with `ws.PauseExpired` (`on_expire="fail"`,
+    the default) or continues as if resumed with `on_expire` as the answer; once, even with
+    several workers.
     """
-    return Stage(None, name=name, kind="gate", schema=schema, reason=reason, when=when)
+    expiry = None
+    if expires_after is not None:
+        seconds = (
+            expires_after.total_seconds()
+            if isinstance(expires_after, timedelta)
+            else float(expires_after)
+        )
+        if seconds <= 0:
+            raise PipelineDefinitionError(f"gate {name!r}: expires_after must be positive")
+        expiry = (seconds, on_expire)
+    return Stage(
+        None, name=name, kind="gate", schema=schema, reason=reason, when=when, expiry=expiry
+    )
+
+
+def sleep_stage(name: str, seconds: timedelta | float) -> Stage:
+    """A stage that waits `seconds`, durably: the wake-up time is committed first, the run
+    is parked (no memory, no worker) and after a restart it sleeps only for the time left."""
+    value = seconds.total_seconds() if isinstance(seconds, timedelta) else float(seconds)
+    if value < 0:
+        raise PipelineDefinitionError(f"sleep stage {name!r}: seconds must not be negative")
+    return Stage(None, name=name, kind="sleep", expiry=(value, None))
+
+
+def wait_until(name: str, at: datetime | float | Callable[..., Any]) -> Stage:
+    """A stage that waits, durably, until `at`: a datetime, a Unix time, or a function bound
+    like a stage (its parameters come from the input and earlier outputs) returning one."""
+    if callable(at) and not isinstance(at, datetime):
+        stage = Stage(None, name=name, kind="sleep", expiry=(None, at))
+        hints = resolve_hints(at, f"wait_until {name!r}")
+        stage.params = tuple(
+            Param(p.name, hints.get(p.name, Any), p.default)
+            for p in signature_params(at, f"wait_until {name!r}")
+        )
+        return stage
+    fixed = at.timestamp() if isinstance(at, datetime) else float(at)
+    return Stage(None, name=name, kind="sleep", expiry=(None, lambda: fixed))

@@ -177,8 +177,8 @@ class Store(Protocol):
         """The run's journal rows after `after_seq`, in order."""
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
-        """The rows a driver needs to continue a run: succeeded, reused, skipped, retrying,
-        retried and resumed."""
+        """The rows a driver needs to continue a run: created, succeeded, reused, skipped,
+        retrying, retried, resumed, failed, sleeping and the compensation rows."""
 
     async def active_runs(
         self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None

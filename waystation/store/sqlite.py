@@ -513,7 +513,8 @@ class SQLiteStore:
         async with self._r.execute(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
             "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
-            "'resumed', 'failed') "
+            "'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
+            "'compensation_failed') "
             "ORDER BY seq",
             (run_id,),
         ) as cur:

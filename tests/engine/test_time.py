@@ -1,0 +1,324 @@
+"""Durable time and rollback through the public API, with a manual clock: sleeps that
+survive a restart, scheduled starts, pause expiry, compensation (also across a crash)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+import waystation as ws
+
+DAY = 86_400.0
+calls: Counter[str] = Counter()
+
+
+@ws.stage
+async def prepare(n: int) -> int:
+    calls["prepare"] += 1
+    return n + 1
+
+
+@ws.stage
+async def finish(prepare: int) -> str:
+    calls["finish"] += 1
+    return f"done {prepare}"
+
+
+napping = ws.Pipeline("napping", [prepare, ws.sleep_stage("nap", timedelta(days=2)), finish])
+
+
+async def _until(engine: ws.Engine, run_id: str, *statuses: str) -> ws.Run:
+    """Poll the committed status (the timer acts in the engine's own task)."""
+    with anyio.fail_after(10):
+        while True:
+            run = await engine.get(run_id)
+            if run.status in statuses:
+                return run
+            await anyio.sleep(0.01)
+
+
+async def _settled(engine: ws.Engine, run_id: str) -> ws.Run:
+    return await _until(engine, run_id, "succeeded", "failed", "cancelled")
+
+
+async def test_a_sleep_survives_a_restart_and_wakes_on_time(db: Path) -> None:
+    calls.clear()
+    clock = ws.ManualClock(start=1_000_000.0)
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock) as engine:
+        run = await engine.submit(napping, {"n": 1})
+        await _until(engine, run.run_id, "pending")
+        parked = await engine.get(run.run_id)
+        assert parked.stage_name == "nap" and engine.active_runs == []
+        clock.advance(DAY)  # a day passes; then the process stops
+    with sqlite3.connect(db) as conn:
+        wake_at = conn.execute("SELECT wake_at FROM runs").fetchone()[0]
+    assert wake_at == 1_000_000.0 + 2 * DAY
+    clock2 = ws.ManualClock(start=1_000_000.0 + DAY)  # a new process, a day later
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock2) as engine:
+        clock2.advance(DAY - 60)
+        await anyio.sleep(0.05)
+        assert (await engine.get(run.run_id)).status == "pending"  # not yet: one minute left
+        clock2.advance(60)
+        done = await _settled(engine, run.run_id)
+        assert done.status == "succeeded" and done.output == "done 2"
+        events = [t.event for t in await engine.history(run.run_id)]
+    assert events.count("sleeping") == 1 and events.count("woke") == 1
+    assert calls == Counter({"prepare": 1, "finish": 1})
+
+
+@ws.stage
+async def polls(n: int, ctx: ws.StageContext) -> int:
+    calls["before"] += 1
+    await ctx.sleep(30)
+    calls["after"] += 1
+    return n * 2
+
+
+async def test_ctx_sleep_reenters_the_stage_after_waking(db: Path) -> None:
+    calls.clear()
+    clock = ws.ManualClock(start=5_000.0)
+    pipe = ws.Pipeline("polling", [polls])
+    async with ws.Engine.open(db, pipelines=[pipe], clock=clock) as engine:
+        run = await engine.submit(pipe, {"n": 4})
+        await _until(engine, run.run_id, "pending")
+        clock.advance(30)
+        done = await _settled(engine, run.run_id)
+    assert done.output == 8
+    assert calls == Counter({"before": 2, "after": 1})
+
+
+async def test_a_run_scheduled_for_later_starts_then(db: Path) -> None:
+    calls.clear()
+    clock = ws.ManualClock(start=10_000.0)
+    pipe = ws.Pipeline("later", [prepare, finish])
+    async with ws.Engine.open(db, pipelines=[pipe], clock=clock) as engine:
+        run = await engine.submit(pipe, {"n": 0}, not_before=10_000.0 + 3600)
+        assert run.status == "pending"
+        await anyio.sleep(0.05)
+        assert calls["prepare"] == 0
+        clock.advance(3600)
+        done = await _settled(engine, run.run_id)
+    assert done.status == "succeeded" and done.output == "done 1"
+
+
+class Approval(msgspec.Struct):
+    approved: bool
+
+
+@ws.stage
+async def act(approval: Approval) -> str:
+    return "approved" if approval.approved else "declined"
+
+
+strict = ws.Pipeline(
+    "strict", [ws.gate("approval", schema=Approval, expires_after=timedelta(days=3)), act]
+)
+lenient = ws.Pipeline(
+    "lenient",
+    [
+        ws.gate("approval", schema=Approval, expires_after=3 * DAY, on_expire={"approved": False}),
+        act,
+    ],
+)
+
+
+async def test_an_expired_pause_fails_the_run(db: Path) -> None:
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:
+        run = await engine.start(strict)
+        assert run.status == "paused" and run.pause is not None
+        assert run.pause.expires_at == 3 * DAY
+        clock.advance(3 * DAY - 1)
+        await anyio.sleep(0.05)
+        assert (await engine.get(run.run_id)).status == "paused"
+        clock.advance(1)
+        done = await _settled(engine, run.run_id)
+        assert done.status == "failed" and done.error is not None
+        assert done.error.type == "waystation.errors.PauseExpired"
+        with pytest.raises(ws.NotPaused):
+            await engine.resume(run.run_id, {"approved": True})
+
+
+async def test_an_expired_pause_goes_on_with_its_default_once(db: Path) -> None:
+    clock = ws.ManualClock(start=0.0)
+    async with (
+        ws.Engine.open(db, pipelines=[lenient], clock=clock) as one,
+        ws.Engine.open(db, pipelines=[lenient], clock=clock) as two,
+    ):
+        run = await one.start(lenient)
+        clock.advance(3 * DAY)
+        done = await _settled(two, run.run_id)
+        assert done.status == "succeeded" and done.output == "declined"
+        events = [t.event for t in await two.history(run.run_id)]
+    assert events.count("expired") == 1 and events.count("resumed") == 1
+
+
+async def test_an_answer_in_time_cancels_the_expiry(db: Path) -> None:
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:
+        run = await engine.start(strict)
+        done = await engine.resume(run.run_id, {"approved": True})
+        assert done.output == "approved"
+        clock.advance(10 * DAY)
+        await anyio.sleep(0.05)
+        assert (await engine.get(run.run_id)).status == "succeeded"
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT wake_at FROM runs").fetchone()[0] is None
+
+
+undone: list[str] = []
+
+
+async def undo_reserve(item: str, output: str) -> None:
+    undone.append(f"unreserve {output}")
+
+
+def undo_charge(output: int) -> None:
+    if output < 0:
+        raise RuntimeError("refund failed")
+    undone.append(f"refund {output}")
+
+
+@ws.stage(compensate=undo_reserve)
+async def reserve(item: str) -> str:
+    return f"R-{item}"
+
+
+@ws.stage(compensate=undo_charge)
+async def charge(reserve: str, amount: int) -> int:
+    return amount
+
+
+@ws.stage
+async def ship(charge: int) -> str:
+    raise RuntimeError("no courier")
+
+
+saga = ws.Pipeline("saga", [reserve, charge, ship], on_failure="compensate")
+
+
+async def test_a_failed_saga_compensates_in_reverse_order(db: Path) -> None:
+    undone.clear()
+    async with ws.Engine.open(db, pipelines=[saga]) as engine:
+        run = await engine.start(saga, {"item": "lamp", "amount": 30})
+        assert run.status == "failed" and run.error is not None
+        assert "no courier" in run.error.message
+        events = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+    assert undone == ["refund 30", "unreserve R-lamp"]
+    tail = [e for e in events if e[0].startswith("compensat")]
+    assert tail == [("compensating", "ship"), ("compensated", "charge"), ("compensated", "reserve")]
+
+
+async def test_a_failing_compensation_is_journaled_and_the_error_kept(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    undone.clear()
+    caplog.set_level(logging.WARNING, logger="waystation")
+    async with ws.Engine.open(db, pipelines=[saga]) as engine:
+        run = await engine.start(saga, {"item": "vase", "amount": -5})
+        assert run.status == "failed" and run.error is not None
+        assert "no courier" in run.error.message
+        events = [t.event for t in await engine.history(run.run_id)]
+    assert "compensation_failed" in events and undone == ["unreserve R-vase"]
+    assert any("compensation of charge failed" in r.getMessage() for r in caplog.records)
+
+
+SAGA_SCRIPT = """
+import os, sys, time, anyio, waystation as ws
+
+SIDE = os.environ["SIDE_FILE"]
+SLOW = os.environ["SLOW_MARKER"]
+
+def note(line):
+    with open(SIDE, "a") as f:
+        f.write(line + "\\n"); f.flush(); os.fsync(f.fileno())
+
+def make(name):
+    def undo(output: str) -> None:
+        note(f"undo {name}")
+        if name == "b" and os.path.exists(SLOW):
+            time.sleep(60)  # the process is killed here, mid-compensation
+    async def do(x: int) -> str:
+        return name
+    return ws.Stage(do, name=name, compensate=undo)
+
+@ws.stage
+async def boom(c: str) -> str:
+    raise RuntimeError("boom")
+
+pipe = ws.Pipeline("crash_saga", [make("a"), make("b"), make("c"), boom], on_failure="compensate")
+
+async def main(db):
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        run = await engine.submit(pipe, {"x": 1})
+        print(run.run_id, flush=True)
+        await anyio.sleep(120)
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1])
+"""
+
+
+def _kill_mid_compensation(db: Path, side: Path, marker: Path, script: Path) -> str:
+    env = {**os.environ, "SIDE_FILE": str(side), "SLOW_MARKER": str(marker)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(db)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if side.exists() and "undo b" in side.read_text():
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("compensation never reached b")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return run_id
+
+
+async def test_a_crash_during_compensation_continues_with_the_rest(tmp_path: Path) -> None:
+    db, side, marker = tmp_path / "runs.db", tmp_path / "side.txt", tmp_path / "slow"
+    script = tmp_path / "crash_saga.py"
+    script.write_text(textwrap.dedent(SAGA_SCRIPT))
+    marker.write_text("1")
+    os.environ.update(SIDE_FILE=str(side), SLOW_MARKER=str(marker))
+    run_id = _kill_mid_compensation(db, side, marker, script)
+    marker.unlink()
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("crash_saga", script)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    async with ws.Engine.open(db, pipelines=[module.pipe]) as engine:
+        run = await engine.wait(run_id, timeout=20)
+        assert run.status == "failed" and run.error is not None
+        assert "boom" in run.error.message
+        events = [(t.event, t.stage_path) for t in await engine.history(run_id)]
+    # c was compensated before the kill and is not compensated again; b was in flight
+    # (at-least-once) and runs again; a runs once.
+    assert side.read_text().split("\n")[:-1] == ["undo c", "undo b", "undo b", "undo a"]
+    assert [e for e in events if e[0] == "compensated"] == [
+        ("compensated", "c"),
+        ("compensated", "b"),
+        ("compensated", "a"),
+    ]

@@ -1,0 +1,175 @@
+"""`Timers`: what happens to runs by itself when their time comes.
+
+A parked run (a durable sleep, a scheduled start) and a pause that can expire both carry a
+`wake_at` in their row. One task per engine waits, on the engine's clock, for the earliest
+`wake_at` in the database and then acts, each action a guarded update so that of several
+workers exactly one acts: a parked run is taken and driven; an expired pause is answered
+with its default or fails the run with `PauseExpired`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ..errors import PauseExpired, PipelineNotRegistered, WaystationError
+from ..store import codec
+from ..store.base import Guard, NewTransition, RunRecord
+from .models import StageError, decode_pauses
+from .runner import expiry_of
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger("waystation")
+
+_RECHECK = 1.0
+"""Seconds (real time) between looks at the database for wake-ups set by other processes."""
+
+
+class Timers:
+    """Wakes parked runs and expires pauses for one engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._changed = anyio.Event()
+
+    def changed(self) -> None:
+        """A wake-up time was set here: look again now rather than at the next poll."""
+        self._changed.set()
+
+    async def run(self) -> None:
+        """The timer loop (runs in the engine's task group until it closes)."""
+        engine = self.engine
+        clock = engine.clock
+        while True:
+            self._changed = anyio.Event()
+            try:
+                await self.fire(clock.time())
+                nxt = await engine.store.next_wake()
+            except Exception:
+                log.exception("timer check failed; will try again")
+                nxt = None
+            await self._sleep(nxt if nxt is not None else clock.time() + 3600.0)
+
+    async def _sleep(self, target: float) -> None:
+        """Until `target` on the clock, a wake-up set here, or a real-time recheck (for
+        wake-ups set by other processes), whichever comes first."""
+        recheck = min(_RECHECK, self.engine.poll_interval * 5)
+        async with anyio.create_task_group() as tg:
+
+            async def due() -> None:
+                await self.engine.clock.sleep_until(target)
+                tg.cancel_scope.cancel()
+
+            async def changed() -> None:
+                await self._changed.wait()
+                tg.cancel_scope.cancel()
+
+            async def later() -> None:
+                await anyio.sleep(recheck)
+                tg.cancel_scope.cancel()
+
+            for wait in (due, changed, later):
+                tg.start_soon(wait)
+
+    async def fire(self, now: float) -> int:
+        """Act on every run due at `now`; returns how many were acted on."""
+        acted = 0
+        for record in await self.engine.store.due_runs(now):
+            try:
+                if record.status == "pending":
+                    acted += await self._wake(record)
+                elif record.status == "paused":
+                    acted += await self._expire(record, now)
+            except PipelineNotRegistered:
+                continue  # an engine with this pipeline will act on it
+            except WaystationError as exc:
+                log.warning("run %s: timer not applied: %s", record.run_id, exc)
+        return acted
+
+    async def _wake(self, record: RunRecord) -> int:
+        engine = self.engine
+        if record.run_id in engine._active:
+            return 0
+        p = engine._pipeline_of(record)
+        seq = await engine.store.update_run(
+            record.run_id,
+            Guard(("pending",), seq=record.seq),
+            [NewTransition("woke", record.stage_index, _stage_name(p, record.stage_index))],
+            {
+                "status": "running",
+                "wake_at": None,
+                "lease_owner": engine.owner,
+                "lease_expires": time.time() + engine.lease_ttl,
+            },
+        )
+        if seq is None:
+            return 0  # another worker woke it
+        log.info("run %s woke", record.run_id)
+        await engine._continue(p, record.run_id)
+        return 1
+
+    async def _expire(self, record: RunRecord, now: float) -> int:
+        engine = self.engine
+        p = engine._pipeline_of(record)
+        pauses = decode_pauses(record.pause)
+        due = [
+            q
+            for q in pauses
+            if q.run_id == record.run_id and q.expires_at is not None and q.expires_at <= now
+        ]
+        if not due:
+            return 0
+        pause = min(due, key=lambda q: q.expires_at or 0.0)
+        gate = p.stage_at(pause.stage_index, pause.stage_path)
+        on_expire: Any = gate.expiry[1] if gate.expiry is not None else "fail"
+        if isinstance(on_expire, str) and on_expire == "fail":
+            err = PauseExpired(
+                f"pause {pause.kind!r} at stage {pause.stage_path or pause.stage_name!r} "
+                f"expired unanswered"
+            )
+            info = StageError(
+                type=f"{type(err).__module__}.{type(err).__qualname__}",
+                message=str(err),
+                stage_index=pause.stage_index,
+                stage_name=pause.stage_name,
+            )
+            stored = codec.encode(info).decode()
+            seq = await engine.store.update_run(
+                record.run_id,
+                Guard(("paused",), seq=record.seq),
+                [
+                    NewTransition("expired", pause.stage_index, pause.stage_path),
+                    NewTransition("failed", pause.stage_index, pause.stage_name, error=stored),
+                ],
+                {"status": "failed", "error": stored, "pause": None, "wake_at": None},
+            )
+            if seq is None:
+                return 0
+            log.info("run %s failed: %s", record.run_id, err)
+        else:
+            answer = engine._check_answer(record.run_id, p, pause, on_expire)
+            transitions, values = engine._answer(record, p, pauses, pause, answer)
+            transitions.insert(0, NewTransition("expired", pause.stage_index, pause.stage_path))
+            remaining = [q for q in pauses if q.pause_id != pause.pause_id]
+            values["wake_at"] = expiry_of(remaining, record.run_id)
+            seq = await engine.store.update_run(
+                record.run_id, Guard(("paused",), seq=record.seq), transitions, values
+            )
+            if seq is None:
+                return 0
+            log.info(
+                "run %s: pause %s expired; went on with its default", record.run_id, pause.kind
+            )
+            if values.get("status") == "running":
+                await engine._continue(p, record.run_id)
+        await engine._wake_ancestors(record)
+        return 1
+
+
+def _stage_name(p: Any, i: int) -> str | None:
+    return p.stages[i].name if i < len(p.stages) else None
