@@ -52,6 +52,8 @@ class ChildRunner:
         self.engine = engine
         self.tree_stages: dict[str, int] = {}
         """Stage executions per root, counted here for trees that have children."""
+        self.workspaces: set[str] = set()
+        """Roots whose runs made a workspace in this process (the others need no cleanup)."""
 
     # -- launching ---------------------------------------------------------------------------
 
@@ -245,10 +247,14 @@ class ChildRunner:
         parts = [*state.lineage, state.run_id]
         path = self.engine.workspace_root.joinpath(*parts)
         path.mkdir(parents=True, exist_ok=True)
+        self.workspaces.add(state.root_run_id)
         return path
 
     def clean_workspace(self, run_id: str) -> None:
-        """Remove a finished root run's workspace (with its children's beneath it)."""
+        """Remove a finished root run's workspace (with its children's beneath it). A
+        workspace made in an earlier process is kept: only roots seen using one here are
+        cleaned, which spares every other run a filesystem call."""
+        self.workspaces.discard(run_id)
         shutil.rmtree(self.engine.workspace_root / run_id, ignore_errors=True)
 
 

@@ -468,7 +468,11 @@ class Engine:
             state = driver.state
             if state.depth == 0 and driver.outcome in ("succeeded", "failed", "cancelled"):
                 self.children.forget(state.run_id)
-                if driver.outcome == "succeeded" and self.workspace_policy == "remove_on_success":
+                if (
+                    driver.outcome == "succeeded"
+                    and self.workspace_policy == "remove_on_success"
+                    and state.run_id in self.children.workspaces
+                ):
                     await anyio.to_thread.run_sync(self.children.clean_workspace, state.run_id)
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
@@ -476,6 +480,8 @@ class Engine:
 
         Runs driven by this engine are awaited directly; a run driven elsewhere is polled.
         """
+        if timeout is None:
+            return await self._wait(run_id)
         try:
             with anyio.fail_after(timeout):
                 return await self._wait(run_id)

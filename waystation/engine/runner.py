@@ -370,6 +370,7 @@ class Driver:
                     await self._advance(i, value, answers[-1], "succeeded")
                     i += 1
                     continue
+                began = time.perf_counter()
                 value, payload = await self._execute(stage, self.pipeline.slots[i])
             except asyncio.CancelledError as exc:
                 # Real cancellation (ours or the engine's) propagates; a CancelledError the
@@ -395,6 +396,13 @@ class Driver:
                 i += 1
                 continue
             await self._advance(i, value, payload, "succeeded")
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "run %s stage %s done in %.1f ms",
+                    self.run_id,
+                    stage.name,
+                    (time.perf_counter() - began) * 1000,
+                )
             i += 1
 
     # -- one stage ---------------------------------------------------------------------------

@@ -247,6 +247,41 @@ class SQLiteStore:
     async def create_run(self, run: NewRun) -> tuple[bool, RunRecord]:
         def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[bool, Any]:
             now = time.time()
+            values = (
+                run.run_id,
+                run.pipeline,
+                run.pipeline_version,
+                run.fingerprint,
+                run.status,
+                run.stage_index,
+                len(run.transitions),
+                run.input,
+                None,  # output
+                None,  # error
+                None,  # pause
+                run.parent_run_id,
+                run.root_run_id,
+                run.run_kind,
+                run.depth,
+                run.idempotency_key,
+                run.lease_owner,
+                run.lease_expires,
+                0,  # cancel_requested
+                run.replay_of,
+                now,
+                now,
+                run.wake_at,
+            )
+            # One statement for the common case (a new id): the row we return is the one we
+            # wrote. An existing id or idempotency key inserts nothing; then read what exists.
+            cur = conn.execute(
+                f"INSERT INTO runs ({_RUN_FIELDS}) VALUES ({', '.join('?' * len(values))}) "
+                "ON CONFLICT DO NOTHING",
+                values,
+            )
+            if cur.rowcount == 1:
+                _append(rows, run.run_id, 0, run.transitions, now)
+                return True, values
             if run.idempotency_key is not None:
                 row = conn.execute(
                     f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?",
@@ -257,41 +292,7 @@ class SQLiteStore:
             row = conn.execute(
                 f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
             ).fetchone()
-            if row is not None:
-                return False, row
-            conn.execute(
-                "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
-                "stage_index, seq, input, parent_run_id, root_run_id, run_kind, depth, "
-                "idempotency_key, lease_owner, lease_expires, replay_of, created_at, "
-                "updated_at, wake_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run.run_id,
-                    run.pipeline,
-                    run.pipeline_version,
-                    run.fingerprint,
-                    run.status,
-                    run.stage_index,
-                    len(run.transitions),
-                    run.input,
-                    run.parent_run_id,
-                    run.root_run_id,
-                    run.run_kind,
-                    run.depth,
-                    run.idempotency_key,
-                    run.lease_owner,
-                    run.lease_expires,
-                    run.replay_of,
-                    now,
-                    now,
-                    run.wake_at,
-                ),
-            )
-            _append(rows, run.run_id, 0, run.transitions, now)
-            row = conn.execute(
-                f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
-            ).fetchone()
-            return True, row
+            return False, row
 
         created, row = await self._write(op)
         return created, _run(row)
@@ -361,7 +362,8 @@ class SQLiteStore:
     async def release_leases(self, owner: str) -> int:
         def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
             cur = conn.execute(
-                "UPDATE runs SET lease_owner = NULL, lease_expires = NULL WHERE lease_owner = ?",
+                "UPDATE runs SET lease_owner = NULL, lease_expires = NULL "
+                "WHERE status IN ('pending', 'running') AND lease_owner = ?",
                 (owner,),
             )
             return cur.rowcount
