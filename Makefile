@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test check lint typecheck bench clean
+.PHONY: install demo test check lint typecheck bench bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ test: check
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py
+
+# The peers (DBOS, LangGraph) go into a venv of their own so they never touch .venv.
+PEERS := .venv-bench
+$(PEERS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet -e '.[bench]'
+	touch $@
+
+bench-peers: install $(PEERS)/.installed
+	$(BIN)/python benchmarks/throughput.py --peers $(PEERS)/bin/python
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
