@@ -53,6 +53,7 @@ from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
 from .pipeline import Pipeline
 from .runner import Driver, RunState, expiry_of
 from .timers import Timers
+from .tracing import Tracing
 
 log = logging.getLogger("waystation")
 
@@ -123,6 +124,7 @@ class Engine:
         workspace_root: str | os.PathLike[str] | None = None,
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
         clock: Clock | None = None,
+        tracer: Any = None,
     ) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
@@ -148,6 +150,7 @@ class Engine:
         """The time of durable sleeps, scheduled starts and pause expiry (leases use the
         real time: they are about processes being alive)."""
         self.timers = Timers(self)
+        self.tracing = Tracing(tracer) if tracer is not None else None
         self._active: dict[str, Driver] = {}
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
@@ -175,6 +178,7 @@ class Engine:
         workspace_root: str | os.PathLike[str] | None = None,
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
         clock: Clock | None = None,
+        tracer: Any = None,
     ) -> Engine:
         """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
 
@@ -189,6 +193,9 @@ class Engine:
         `budgets` the named budgets stages spend (`ctx.spend`). Each run may use a directory
         under `workspace_root` (`ctx.workspace`); with "remove_on_success" a root run's
         directory (its children's included) is removed when it succeeds, kept otherwise.
+        `clock` is the time of durable sleeps, scheduled starts and pause expiry
+        (`ws.ManualClock` in tests). `tracer`, an OpenTelemetry tracer, turns on spans per
+        run and per stage attempt (children nested under their launching stage).
         """
         store: Store
         if isinstance(path, str | os.PathLike):
@@ -207,6 +214,7 @@ class Engine:
             workspace_root=workspace_root,
             workspace_policy=workspace_policy,
             clock=clock,
+            tracer=tracer,
         )
 
     def __await__(self) -> Generator[Any, None, Engine]:
@@ -445,6 +453,7 @@ class Engine:
             "pipeline": pipeline,
             "children": self.children,
             "clock": self.clock,
+            "tracing": self.tracing,
         }
 
     def _launch_new(self, pipeline: Pipeline, state: RunState) -> None:

@@ -37,6 +37,7 @@ from .stage import Stage
 if TYPE_CHECKING:
     from .children import ChildRunner
     from .clock import Clock
+    from .tracing import Tracing
 
 log = logging.getLogger("waystation")
 
@@ -253,6 +254,7 @@ class Driver:
         state: RunState,
         children: ChildRunner,
         clock: Clock,
+        tracing: Tracing | None = None,
         claim: RunRecord | None = None,
     ) -> None:
         self.store = store
@@ -263,6 +265,7 @@ class Driver:
         self.state = state
         self.children = children
         self.clock = clock
+        self.tracing = tracing
         self.claim = claim
         """When set, the run is recovered: take its lease (guarded on this row) first."""
         self.outcome: str | None = None
@@ -291,7 +294,11 @@ class Driver:
                     try:
                         if self.claim is not None and not await self._claim(self.claim):
                             return
-                        await self._steps()
+                        if self.tracing is None:
+                            await self._steps()
+                        else:
+                            with self.tracing.run(self):
+                                await self._steps()
                     finally:
                         if self._waits == 0:
                             self.limiter.release_on_behalf_of(self)
@@ -596,6 +603,15 @@ class Driver:
             if stage.context_param is not None:
                 kwargs[stage.context_param] = self._context(stage, slot, attempt)
             call = functools.partial(self._call, stage, stage.fn, kwargs)
+        if self.tracing is not None:
+            with self.tracing.stage(self, stage, slot, attempt):
+                out = await self._timed(stage, call, attempt)
+        else:
+            out = await self._timed(stage, call, attempt)
+        return check_output(stage, out)
+
+    @staticmethod
+    async def _timed(stage: Stage, call: Any, attempt: int) -> Any:
         if stage.timeout is None:
             out = await call()
         else:
@@ -605,7 +621,7 @@ class Driver:
                 raise StageTimeout(
                     f"stage {stage.name!r} timed out after {stage.timeout}s (attempt {attempt})"
                 )
-        return check_output(stage, out)
+        return out
 
     @staticmethod
     async def _call(stage: Stage, fn: Any, kwargs: dict[str, Any]) -> Any:
