@@ -12,7 +12,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +47,7 @@ from ..store.base import (
     Store,
 )
 from ..store.sqlite import Durability, SQLiteStore
+from . import events
 from .children import ChildRunner, Limits
 from .clock import Clock, SystemClock
 from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
@@ -915,6 +916,31 @@ class Engine:
             if len(batch) < page:
                 return
             after = batch[-1].run_id
+
+    def subscribe(
+        self,
+        *,
+        run_id: str | None = None,
+        root_run_id: str | None = None,
+        since: datetime | float | None = None,
+        after_seq: int | None = None,
+        poll_interval: float = 0.05,
+        until_settled: bool = False,
+    ) -> AsyncGenerator[Transition, None]:
+        """Live transitions, in commit order, from this and other processes (it reads the
+        journal): of one run, of one tree, or of every run. Use with
+        `contextlib.aclosing(...)`. For a snapshot plus a stream that misses nothing, take
+        `history(run_id)` and pass its last `seq` as `after_seq`. With `until_settled` the
+        stream ends once the run is paused or finished. See `waystation.engine.events`."""
+        return events.subscribe(
+            self,
+            run_id=run_id,
+            root_run_id=root_run_id,
+            since=since,
+            after_seq=after_seq,
+            poll_interval=poll_interval,
+            until_settled=until_settled,
+        )
 
     async def tree(self, run_id: str) -> RunTree:
         """The run and all its descendants, nested."""

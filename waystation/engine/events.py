@@ -1,0 +1,342 @@
+"""Live events: `subscribe` streams journal rows as they are committed, by any process.
+
+Everything goes through the database, so a subscriber sees the transitions of runs driven
+by other processes exactly as those of its own. Two ways of following the journal:
+
+- One run (`run_id=`): by sequence number. A run's journal rows are numbered 1, 2, 3, ...
+  without gaps, in commit order, so polling `seq > last` is exact: nothing is missed,
+  nothing comes twice, whatever the clocks do.
+- A tree (`root_run_id=`) or every run: by commit time, with the cursor (at, run_id, seq)
+  over the `transitions_at` index. Commits are serialized by SQLite and each stamps its rows
+  after it took the write lock, so commit-time order is commit order as long as the wall
+  clock does not go backwards. For safety each poll reads again a window (`lookback`)
+  behind the cursor, and rows are de-duplicated per run by sequence number; a run's rows
+  are also delivered without gaps once one of them has been seen (a missing row is fetched
+  by sequence number before the later one is delivered).
+
+No task is started: the generator polls in the consumer's task, so leaving the `async for`
+(or cancelling the consumer) ends it on the spot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncGenerator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import anyio
+import msgspec
+
+from ..store import codec
+from ..store.base import SETTLED, Store, TransitionRecord
+from .models import StageError, Transition
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+__all__ = ["subscribe"]
+
+PAGE = 500
+"""Journal rows read per query."""
+
+_FORGET_AFTER = 300.0
+"""A run with no row in this many seconds behind the read window is dropped from the
+per-run de-duplication table (which would otherwise grow with every run ever seen)."""
+
+_EPSILON = 1e-6
+"""`Transition.at` is a datetime (microseconds); the stored time is finer. A `since` taken
+from a transition therefore means "from up to a microsecond before"."""
+
+
+def to_transition(r: TransitionRecord) -> Transition:
+    """A journal row as the public `Transition` (as `Engine.history` returns it)."""
+    return Transition(
+        run_id=r.run_id,
+        seq=r.seq,
+        stage_index=r.stage_index,
+        stage_path=r.stage_path,
+        event=r.event,
+        attempt=r.attempt,
+        payload=codec.decode_any(r.payload),
+        error=msgspec.json.decode(r.error, type=StageError) if r.error else None,
+        at=datetime.fromtimestamp(r.at, UTC),
+    )
+
+
+async def subscribe(
+    engine: Engine,
+    *,
+    run_id: str | None = None,
+    root_run_id: str | None = None,
+    since: datetime | float | None = None,
+    after_seq: int | None = None,
+    poll_interval: float = 0.05,
+    until_settled: bool = False,
+    lookback: float = 1.0,
+) -> AsyncGenerator[Transition, None]:
+    """Journal rows as they are committed, in commit order, by this process or any other.
+
+    Filters: `run_id` (one run), `root_run_id` (a root and all its descendants), neither
+    (every run). Both: the rows of `run_id`, provided it belongs to that tree (the stream
+    ends at once if it does not).
+
+    Where the stream starts:
+    - by default, right after what is committed when iteration begins (the first
+      `__anext__`, not the call: the generator is lazy). For one run, that is after the
+      run's current last row (from its first row if the run does not exist yet).
+    - `since` (a timezone-aware datetime, or Unix seconds): rows stamped at or after it,
+      committed before the subscription or not.
+    - `after_seq` (with `run_id`): rows of that run numbered above `after_seq`.
+
+    A snapshot and a stream that miss nothing and repeat nothing:
+    - one run: `rows = await engine.history(run_id)`, then
+      `subscribe(engine, run_id=run_id, after_seq=rows[-1].seq if rows else 0)`. The
+      journal of a run is numbered without gaps, so this is exact.
+    - a tree or every run: take `t0 = time.time()` (minus a margin for clock adjustments)
+      before the snapshot, then `subscribe(..., since=t0)` and skip the rows whose
+      `(run_id, seq)` the snapshot already holds.
+
+    `until_settled=True` (with `run_id`, or `root_run_id` for the root) ends the stream
+    once the run is paused, succeeded, failed or cancelled and every row up to that state
+    was delivered: after its `completed`, final `failed` or `cancelled` row, or its
+    `paused` row. A run that is already settled when the subscription starts ends it at
+    once. Without it, the stream runs until the consumer stops iterating.
+
+    The journal is polled every `poll_interval` seconds (at once again while a backlog is
+    being read). `lookback` is the window of commit time, behind the cursor, read again on
+    each poll for rows stamped late (clock adjustments); see the module docstring.
+    Errors of the store (for example the engine being closed) end the stream with the
+    error. To close the stream at once when leaving the loop early (`break`), iterate it
+    inside `async with contextlib.aclosing(subscribe(...)) as events:`; otherwise Python
+    closes it when it is garbage collected.
+    """
+    if poll_interval <= 0:
+        raise ValueError("poll_interval must be positive")
+    if lookback < 0:
+        raise ValueError("lookback must not be negative")
+    if after_seq is not None:
+        if run_id is None:
+            raise ValueError("after_seq numbers the rows of one run: pass run_id as well")
+        if since is not None:
+            raise ValueError("pass either since or after_seq, not both")
+        if after_seq < 0:
+            raise ValueError("after_seq must not be negative")
+    if until_settled and run_id is None and root_run_id is None:
+        raise ValueError("until_settled needs a run: pass run_id or root_run_id")
+    min_at: float | None = None
+    if since is not None:
+        min_at = (since.timestamp() if isinstance(since, datetime) else float(since)) - _EPSILON
+
+    store = engine.store
+    follower: _Follower
+    if run_id is not None:
+        follower = _RunFollower(store, run_id, root_run_id, min_at, after_seq)
+    else:
+        follower = _JournalFollower(store, root_run_id, min_at, lookback, until_settled)
+    await follower.start()
+    check = until_settled
+    while True:
+        rows = await follower.poll()
+        for row in rows:
+            yield to_transition(row)
+        if follower.finished:
+            return
+        if rows:
+            check = until_settled
+        if check:
+            if await follower.settled():
+                return
+            check = False
+        if not follower.more:
+            await anyio.sleep(poll_interval)
+
+
+class _Follower:
+    """Reads the next rows to deliver; no I/O outside `start`, `poll` and `settled`."""
+
+    more = False
+    """True when `poll` stopped at a full page: poll again without waiting."""
+    finished = False
+    """True when nothing will ever match (the run is not in the given tree)."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def poll(self) -> list[TransitionRecord]:
+        raise NotImplementedError
+
+    async def settled(self) -> bool:
+        raise NotImplementedError
+
+
+async def _start_seq(store: Store, run_id: str, min_at: float | None) -> int:
+    """The last row of `run_id` before the stream: its current last row, or with `min_at`
+    the last row stamped before it."""
+    record = await store.get_run(run_id)
+    current = record.seq if record is not None else 0
+    if min_at is None:
+        return current
+    # Read after the run row: a row committed in between is then found here.
+    first = await store.transitions_since((min_at, "", 0), run_id=run_id, limit=1)
+    return first[0].seq - 1 if first else current
+
+
+async def _is_settled(store: Store, run_id: str, delivered: int) -> bool:
+    record = await store.get_run(run_id)
+    return record is not None and record.status in SETTLED and record.seq <= delivered
+
+
+class _RunFollower(_Follower):
+    """One run, by sequence number."""
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        root_run_id: str | None,
+        min_at: float | None,
+        after_seq: int | None,
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.root_run_id = root_run_id
+        self.min_at = min_at
+        self.last = after_seq or 0
+        self.after_seq = after_seq
+
+    async def start(self) -> None:
+        if self.after_seq is None:
+            self.last = await _start_seq(self.store, self.run_id, self.min_at)
+
+    async def poll(self) -> list[TransitionRecord]:
+        if self.root_run_id is not None:
+            record = await self.store.get_run(self.run_id)
+            if record is None:
+                return []
+            if record.root_run_id != self.root_run_id:
+                self.finished = True
+                return []
+            self.root_run_id = None  # checked once: a run never changes trees
+        rows = await self.store.history(self.run_id, after_seq=self.last)
+        if rows:
+            self.last = rows[-1].seq
+        return rows
+
+    async def settled(self) -> bool:
+        return await _is_settled(self.store, self.run_id, self.last)
+
+
+class _JournalFollower(_Follower):
+    """A tree or every run, by commit time, with a re-read window and per-run seqs."""
+
+    def __init__(
+        self,
+        store: Store,
+        root_run_id: str | None,
+        min_at: float | None,
+        lookback: float,
+        watch_root: bool,
+    ) -> None:
+        self.store = store
+        self.root_run_id = root_run_id
+        self.since = min_at
+        self.lookback = lookback
+        self.watch_root = watch_root
+        self.known: dict[str, tuple[int, float]] = {}
+        """run_id -> (last seq delivered or present before the stream, its time), in the
+        order last touched (a dict keeps insertion order; touching re-inserts)."""
+        self.min_at = 0.0
+        """Never deliver a row stamped before this."""
+        self.cursor_at = 0.0
+        """The latest commit time seen."""
+        self.mono = 0.0
+        self.root_seq = 0
+        """For `until_settled`: the root's rows up to this seq were delivered (or came
+        before the stream)."""
+
+    async def start(self) -> None:
+        wall, self.mono = time.time(), time.monotonic()
+        if self.watch_root and self.root_run_id is not None:
+            self.root_seq = await _start_seq(self.store, self.root_run_id, self.since)
+        if self.since is not None:
+            self.min_at = self.cursor_at = self.since
+            return
+        # The rows already committed in the window are "before": remember their seqs, so
+        # that reading the window again does not deliver them.
+        self.min_at = wall - self.lookback
+        self.cursor_at = wall
+        after = (self.min_at, "", 0)
+        while True:
+            rows = await self.store.transitions_since(
+                after, root_run_id=self.root_run_id, limit=PAGE
+            )
+            for r in rows:
+                self._remember(r)
+            if len(rows) < PAGE:
+                return
+            after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
+
+    def _remember(self, r: TransitionRecord) -> None:
+        previous = self.known.pop(r.run_id, None)
+        seq = r.seq if previous is None else max(previous[0], r.seq)
+        self.known[r.run_id] = (seq, r.at)
+        if r.at > self.cursor_at:
+            self.cursor_at = r.at
+        if r.run_id == self.root_run_id and r.seq > self.root_seq:
+            self.root_seq = r.seq
+
+    def _floor(self) -> float:
+        """Where this poll starts reading: the window behind the cursor. If the wall clock
+        was set back since the last poll, rows committed since may be stamped before the
+        cursor: start from the previous poll's time as the clock reads it now."""
+        wall, mono = time.time(), time.monotonic()
+        previous_poll = wall - (mono - self.mono)
+        self.mono = mono
+        return max(self.min_at, min(self.cursor_at, previous_poll) - self.lookback)
+
+    async def poll(self) -> list[TransitionRecord]:
+        floor = self._floor()
+        out: list[TransitionRecord] = []
+        self.more = False
+        after = (floor, "", 0)
+        while True:
+            rows = await self.store.transitions_since(
+                after, root_run_id=self.root_run_id, limit=PAGE
+            )
+            for r in rows:
+                known = self.known.get(r.run_id)
+                if known is not None:
+                    if r.seq <= known[0]:
+                        if r.at > self.cursor_at:
+                            self.cursor_at = r.at
+                        continue  # delivered already (read again in the window)
+                    if r.seq > known[0] + 1:
+                        # Rows of this run committed earlier but stamped before the window
+                        # (a clock set back): deliver them first, by sequence number.
+                        for g in await self.store.history(r.run_id, after_seq=known[0]):
+                            if g.seq >= r.seq:
+                                break
+                            out.append(g)
+                            self._remember(g)
+                out.append(r)
+                self._remember(r)
+            if len(rows) < PAGE:
+                break
+            if len(out) >= PAGE:
+                self.more = True
+                break
+            after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
+        self._forget(floor - _FORGET_AFTER)
+        return out
+
+    def _forget(self, before: float) -> None:
+        while self.known:
+            run_id, (_, at) = next(iter(self.known.items()))
+            if at >= before:
+                return
+            del self.known[run_id]
+
+    async def settled(self) -> bool:
+        assert self.root_run_id is not None
+        return await _is_settled(self.store, self.root_run_id, self.root_seq)
