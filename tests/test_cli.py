@@ -114,6 +114,14 @@ async def archive(expenses: str) -> str:
 audit = ws.Pipeline("audit", [expenses, archive])  # expenses runs as a child run
 
 pipelines = [expenses, slow, report, held, audit]
+
+
+@ws.stage
+async def misread(fetch: Decision) -> str:  # fetch returns an int: a plan catches it
+    return "never"
+
+
+broken = ws.Pipeline("broken", [fetch, misread])
 """
 
 
@@ -937,3 +945,76 @@ def test_demo_runs_and_its_run_succeeds(tmp_path: Path) -> None:
     (run,) = asyncio.run(runs())
     assert run.status == "succeeded"
     assert run.output["status"] == "paid" and run.output["reference"].startswith("TX-")
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+
+def test_plan_prints_the_steps_and_exits_0_when_clean(cli: Cli, db: Path) -> None:
+    out = cli("plan", "--app", f"{APP_MODULE}:pipelines", "audit", "--input", '{"amount": 10}')
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("plan of audit v1 (") and lines[0].endswith("): ok")
+    assert lines[1] == "input: amount: float (the given input checked)"
+    assert "  1. expenses: child run of expenses v1 (amount=input.amount) -> str" in lines
+    assert "     1. check(amount=input.amount) -> float" in lines
+    assert (
+        "     2. approval: gate, pauses for an answer of type Decision "
+        "('approve this expense?')" in lines
+    )
+    assert "     3. pay(check=check, approval=approval) -> str  [thread]" in lines
+    assert "  2. archive(expenses=expenses) -> str" in lines
+    assert lines[-1] == "no problems found"
+    assert not db.exists()  # a plan opens no database
+
+
+def test_plan_exits_2_and_names_each_problem(cli: Cli, db: Path) -> None:
+    out = cli("plan", "--app", f"{APP_MODULE}:pipelines", "audit", "--input", '{"amount": "x"}')
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr == ""
+    assert out.stdout.splitlines()[-2:] == [
+        "problems (1):",
+        "  - audit: invalid input: Expected `float`, got `str` - at `$.amount`",
+    ]
+
+    out = cli("plan", "--app", f"{APP_MODULE}:broken", "broken")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "input: n: int (no input given)" in out.stdout
+    assert out.stdout.splitlines()[-2:] == [
+        "problems (1):",
+        "  - broken.misread: parameter 'fetch' is Decision, but the output of stage 'fetch' "
+        "is int: at `$`, integer is not Decision",
+    ]
+
+
+def test_plan_json(cli: Cli) -> None:
+    out = cli("plan", "--app", f"{APP_MODULE}:broken", "broken", "--input", '{"n": 1}', "--json")
+    assert out.returncode == 2, out.stdout + out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["ok"] is False and plan["input_checked"] is True
+    assert [(s["kind"], s["name"], s["path"]) for s in plan["steps"]] == [
+        ("stage", "fetch", "broken.fetch"),
+        ("stage", "misread", "broken.misread"),
+    ]
+    assert plan["steps"][1]["params"] == [
+        {"name": "fetch", "type": "Decision", "source": "stage", "ref": "fetch", "decoded": True}
+    ]
+    assert len(plan["problems"]) == 1
+
+    out = cli("plan", "--app", f"{APP_MODULE}:pipelines", "expenses", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["ok"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nope"], "has no pipeline 'nope' (it has: expenses, slow"),
+        (["expenses", "--input", "{"], "--input is not valid JSON"),
+    ],
+)
+def test_plan_bad_usage_exits_2(cli: Cli, args: list[str], message: str) -> None:
+    out = cli("plan", "--app", f"{APP_MODULE}:pipelines", *args)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr
+    assert out.stdout == ""

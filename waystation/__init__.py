@@ -13,6 +13,7 @@ from .engine.engine import Engine
 from .engine.models import Failed, Pause, Run, RunTree, StageError, Transition
 from .engine.parallel import parallel
 from .engine.pipeline import InputField, Pipeline
+from .engine.plan import Plan, PlanInput, PlanParam, PlanStep, make_plan
 from .engine.stage import Retry, Stage, gate, sleep_stage, stage, wait_until
 from .errors import (
     BudgetExceeded,
@@ -62,6 +63,10 @@ __all__ = [
     "PipelineChanged",
     "PipelineDefinitionError",
     "PipelineNotRegistered",
+    "Plan",
+    "PlanInput",
+    "PlanParam",
+    "PlanStep",
     "Retry",
     "Run",
     "RunAlreadyExists",
@@ -84,6 +89,7 @@ __all__ = [
     "branch",
     "gate",
     "loop",
+    "make_plan",
     "map_children",
     "parallel",
     "sleep_stage",

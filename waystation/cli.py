@@ -10,10 +10,13 @@
     waystation --db runs.db cancel RUN_ID [--json]
     waystation --db runs.db prune --older-than 30d [--status succeeded,cancelled] [--json]
     waystation --db runs.db migrate [--json]
+    waystation plan --app MODULE:ATTR PIPELINE [--input JSON] [--json]
 
 `--db` defaults to $WAYSTATION_DB, else `runs.db`. The reading commands never create the
 database, never migrate it and never take over runs (the engine is opened with
-`recover=False`), so they are safe to point at the database of a live service. The commands
+`recover=False`), so they are safe to point at the database of a live service. `plan` opens no
+database at all: it checks a pipeline, its input and its child pipelines without running
+anything. The commands
 that run stages (`start`, `retry`, `replay`, `resume --app`) drive only the runs they start
 or continue, in this process, until those pause or finish (a parent woken by its child
 included): they never close the engine on a stage in flight, unless `--timeout` expires or
@@ -25,7 +28,8 @@ Exit status: 0 done (the run succeeded; for `start` without `--wait`: it started
 failed, or a waystation error (unknown run, not a database, run not paused, ...); 2 bad usage
 or bad input (invalid JSON, an input or answer that does not match its fields or schema, an
 `--app` that cannot be imported): then nothing was changed; 3 the run is paused, waiting for
-an answer; 4 the run was cancelled.
+an answer; 4 the run was cancelled. `plan` exits 0 when the plan found no problem, 2 when it
+found some (or on bad usage).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from . import __version__
 from .engine.engine import Engine
 from .engine.models import Run, RunTree, StageError, Transition
 from .engine.pipeline import Pipeline
+from .engine.plan import make_plan
 from .errors import InvalidInput, InvalidResumeInput, StoreError, WaystationError
 from .migrations import current_version
 from .store.sqlite import SQLiteStore
@@ -788,6 +793,21 @@ def cmd_start(args: argparse.Namespace) -> int:
     return _exit_status(run) if args.wait else EXIT_OK
 
 
+# -- plan ---------------------------------------------------------------------------------------
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    app: str = args.app
+    value = _read_input(args.input) if args.input is not None else None
+    pipeline = _find_pipeline(app, load_app(app), args.pipeline)
+    plan = make_plan(pipeline, value)
+    if args.json:
+        _print_json(plan)
+    else:
+        print(plan.render())
+    return EXIT_OK if plan.ok else EXIT_USAGE
+
+
 # -- retry and replay ---------------------------------------------------------------------------
 
 
@@ -1005,10 +1025,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="waystation",
         description="Inspect, start, resume, retry, replay, cancel and prune waystation runs "
-        "in a SQLite database.",
+        "in a SQLite database, and plan a pipeline without running it.",
         epilog="Exit status: 0 ok (the run succeeded, or `start` without --wait: it started), "
-        "1 the run failed or a waystation error, 2 bad usage or input (nothing changed), "
-        "3 the run is paused, 4 the run was cancelled.",
+        "1 the run failed or a waystation error, 2 bad usage or input (nothing changed; for "
+        "`plan`: it found problems), 3 the run is paused, 4 the run was cancelled.",
     )
     db_help = "the database file (default: $WAYSTATION_DB, else runs.db)"
     parser.add_argument("--db", default=os.environ.get("WAYSTATION_DB") or "runs.db", help=db_help)
@@ -1173,6 +1193,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     migrate = command("migrate", cmd_migrate, "create the database or bring its schema up to date")
     migrate.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    plan = command(
+        "plan",
+        cmd_plan,
+        "check a pipeline, its input and its child pipelines without running anything, and "
+        "print the ordered plan (exit 0: no problem found, 2: problems)",
+    )
+    plan.add_argument("pipeline", metavar="PIPELINE", help="the pipeline's name")
+    plan.add_argument("--app", required=True, metavar="MODULE:ATTR", help=app_help)
+    plan.add_argument(
+        "--input",
+        metavar="JSON",
+        help="the run input to check, a JSON object (`@FILE` reads it from a file, `-` from "
+        "stdin); without it only the definitions are checked",
+    )
+    plan.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
 
 

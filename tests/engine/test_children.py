@@ -269,16 +269,22 @@ async def test_cancelling_a_parent_cancels_its_descendants(db: Path) -> None:
 # -- failures that do not stop the run, branch, loop, mapping --------------------------------
 
 
+class Report(msgspec.Struct):
+    pages: int
+
+
 @ws.stage(continue_on_error=True)
-async def primary(x: int) -> int:
-    raise RuntimeError("primary is down")
+async def primary(x: int) -> Report:
+    if x < 0:
+        raise RuntimeError("primary is down")
+    return Report(pages=x)
 
 
 @ws.stage
-async def fallback(primary: ws.Failed | int) -> str:
+async def fallback(primary: ws.Failed | Report) -> str:
     if isinstance(primary, ws.Failed):
         return f"fallback after {primary.type}: {primary.message}"
-    return str(primary)
+    return f"{primary.pages} pages"
 
 
 resilient = ws.Pipeline("resilient", [primary, fallback])
@@ -286,9 +292,11 @@ resilient = ws.Pipeline("resilient", [primary, fallback])
 
 async def test_continue_on_error_lets_later_stages_choose(db: Path) -> None:
     async with ws.Engine.open(db, pipelines=[resilient]) as engine:
-        run = await engine.start(resilient, {"x": 1})
+        run = await engine.start(resilient, {"x": -1})
         assert run.status == "succeeded"
         assert run.output == "fallback after RuntimeError: primary is down"
+        ok = await engine.start(resilient, {"x": 3})
+        assert ok.output == "3 pages"
         events = [(t.event, t.stage_index) for t in await engine.history(run.run_id)]
         assert ("failed", 0) in events and ("succeeded", 1) in events
 

@@ -52,6 +52,7 @@ from .children import ChildRunner, Limits
 from .clock import Clock, SystemClock
 from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
 from .pipeline import Pipeline
+from .plan import Plan, make_plan
 from .runner import Driver, RunState, expiry_of
 from .timers import Timers
 from .tracing import Tracing
@@ -916,6 +917,12 @@ class Engine:
             if len(batch) < page:
                 return
             after = batch[-1].run_id
+
+    def plan(self, pipeline: Pipeline, input: Any = None) -> Plan:
+        """Check `pipeline` (and its child pipelines) and `input` without running anything:
+        input fields, bindings and their conversions, child input/output paths, depth and
+        cycles. Returns the ordered plan with every problem found (`plan.ok`, `render()`)."""
+        return make_plan(pipeline, input, limits=self.limits)
 
     def subscribe(
         self,

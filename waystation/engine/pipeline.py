@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -237,8 +238,9 @@ class Pipeline:
                 group = self.stages[branch_of]
                 producer = next(b for b in _branches(group) if b.name == p.name)
                 convert = None
-                if p.annotation is not Any and p.annotation != producer.returns:
-                    convert = p.annotation
+                wanted = _without_failed(p.annotation)
+                if wanted is not Any and wanted != producer.returns:
+                    convert = wanted
                 out.append(Binding(p.name, branch_of, p.name, convert, branch=p.name))
                 continue
             source = self.index.get(p.name)
@@ -252,8 +254,9 @@ class Pipeline:
                     )
                 producer = self.stages[source]
                 convert = None
-                if p.annotation is not Any and p.annotation != producer.returns:
-                    convert = p.annotation
+                wanted = _without_failed(p.annotation)
+                if wanted is not Any and wanted != producer.returns:
+                    convert = wanted
                 out.append(Binding(p.name, source, p.name, convert))
             elif p.name in self.inputs:
                 field = self.inputs[p.name]
@@ -388,6 +391,21 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name} v{self.version} ({len(self.stages)} stages)>"
+
+
+def _without_failed(annotation: Any) -> Any:
+    """`ws.Failed | Report` -> `Report`: a Failed output is handed over as it is, never
+    decoded, so only the other members of the union describe what gets decoded (msgspec
+    cannot decode a union of a tagged and an untagged Struct)."""
+    from .models import Failed
+
+    args = typing.get_args(annotation)
+    if Failed not in args or typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return annotation
+    rest = [a for a in args if a is not Failed]
+    if len(rest) == 1:
+        return rest[0]
+    return typing.Union[tuple(rest)]  # noqa: UP007
 
 
 def _branches(stage: Stage) -> tuple[Stage, ...]:
