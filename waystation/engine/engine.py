@@ -32,6 +32,7 @@ from ..errors import (
     PipelineNotRegistered,
     RunAlreadyExists,
     RunNotFound,
+    StoreError,
     WaitTimeout,
     WaystationError,
 )
@@ -45,6 +46,7 @@ from ..store.base import (
     NewTransition,
     RunRecord,
     Store,
+    TransitionRecord,
 )
 from ..store.sqlite import Durability, SQLiteStore
 from . import events
@@ -80,6 +82,16 @@ def _owner_is_dead(owner: str) -> bool:
     except PermissionError:
         return False
     return False
+
+
+def _check_id(run_id: object) -> None:
+    """A run id that cannot exist (not a string, not encodable) is simply not found."""
+    if not isinstance(run_id, str) or not 0 < len(run_id) <= 512:
+        raise RunNotFound(f"no run with id {run_id!r}")
+    try:
+        run_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RunNotFound(f"no run with id {run_id!r}") from None
 
 
 def _choose_pause(run_id: str, pauses: list[Pause], pause_id: str | None) -> Pause:
@@ -276,6 +288,8 @@ class Engine:
                 await self._service
         try:
             await self.store.release_leases(self.owner)
+        except StoreError as exc:  # a read-only file, a full disk: the leases just expire
+            log.warning("leases not released on close (%s); they expire by themselves", exc)
         finally:
             await self.store.close()
 
@@ -503,6 +517,7 @@ class Engine:
             ) from None
 
     async def _wait(self, run_id: str) -> Run:
+        _check_id(run_id)
         delay = 0.01
         while True:
             driver = self._active.get(run_id)
@@ -843,6 +858,7 @@ class Engine:
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
+        _check_id(run_id)
         driver = self._active.get(run_id)
         if driver is not None:
             driver.cancel_requested = True
@@ -871,8 +887,7 @@ class Engine:
     # -- reading -----------------------------------------------------------------------------
 
     async def _record(self, run_id: str) -> RunRecord:
-        if not isinstance(run_id, str):
-            raise RunNotFound(f"no run with id {run_id!r}")
+        _check_id(run_id)
         record = await self.store.get_run(run_id)
         if record is None:
             raise RunNotFound(f"no run with id {run_id!r} in this database")
@@ -967,6 +982,15 @@ class Engine:
         """The run's transition journal, oldest first."""
         await self._record(run_id)
         rows = await self.store.history(run_id)
+        try:
+            return self._transitions(rows)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StoreError(
+                f"run {run_id}: a stored journal row is corrupt and cannot be read ({exc}); "
+                "the row was changed outside waystation"
+            ) from exc
+
+    def _transitions(self, rows: builtins.list[TransitionRecord]) -> builtins.list[Transition]:
         return [
             Transition(
                 run_id=r.run_id,
@@ -983,6 +1007,15 @@ class Engine:
         ]
 
     def _to_run(self, r: RunRecord) -> Run:
+        try:
+            return self._decode_run(r)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise StoreError(
+                f"run {r.run_id}: a stored value is corrupt and cannot be read ({exc}); "
+                "the row was changed outside waystation"
+            ) from exc
+
+    def _decode_run(self, r: RunRecord) -> Run:
         p = self._pipelines.get((r.pipeline, r.pipeline_version))
         if p is not None and p.fingerprint != r.fingerprint:
             p = None

@@ -151,8 +151,10 @@ class Stage:
             raise PipelineDefinitionError(
                 f"stage name {name!r} must be a Python identifier (later stages bind it by name)"
             )
-        if timeout is not None and timeout <= 0:
-            raise PipelineDefinitionError(f"stage {name!r}: timeout must be positive")
+        if timeout is not None and not (isinstance(timeout, int | float) and 0 < timeout < 1e9):
+            raise PipelineDefinitionError(
+                f"stage {name!r}: timeout must be a positive number of seconds, not {timeout!r}"
+            )
         self.fn = fn
         self.name = name
         self.kind: StageKind = kind

@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass
 from importlib import resources
 
-from ..errors import NotAWaystationDatabase, SchemaTooNew
+from ..errors import NotAWaystationDatabase, SchemaTooNew, StoreError
 
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -49,6 +49,8 @@ def current_version(conn: sqlite3.Connection) -> int:
             row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         }
     except sqlite3.DatabaseError as exc:
+        if not _is_foreign(exc):
+            raise StoreError(f"cannot read the database: {exc}") from exc
         raise NotAWaystationDatabase(f"not a waystation database (not SQLite?): {exc}") from exc
     if "schema_migrations" not in tables:
         if tables:
@@ -80,8 +82,6 @@ def apply(conn: sqlite3.Connection, backend: str = "sqlite", *, verify_only: boo
     pending = [m for m in known if m.version > version]
     if verify_only:
         if pending:
-            from ..errors import StoreError
-
             raise StoreError(
                 f"database schema is version {version}, {len(pending)} migration(s) behind; "
                 "run `waystation migrate`"
@@ -110,6 +110,13 @@ def apply(conn: sqlite3.Connection, backend: str = "sqlite", *, verify_only: boo
             conn.execute("ROLLBACK")
             raise
     return len(pending)
+
+
+def _is_foreign(exc: sqlite3.DatabaseError) -> bool:
+    """True when SQLite says the file is not a database at all (as opposed to I/O trouble:
+    a read-only file system, a missing directory, a full disk)."""
+    text = str(exc).lower()
+    return "not a database" in text or "encrypted" in text or "malformed" in text
 
 
 def _statements(script: str) -> list[str]:

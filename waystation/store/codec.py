@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
+import re
 from typing import Any
 
 import msgspec
@@ -97,6 +99,41 @@ def validate_schema(value: Any, schema: dict[str, Any]) -> None:
     _validate(value, schema, schema.get("$defs", {}), "$")
 
 
+def _check_bounds(value: Any, schema: dict[str, Any], path: str) -> None:
+    """The constraints msgspec emits from `Meta` (ge/le/gt/lt, lengths, pattern, ...)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        for key, holds in (
+            ("minimum", operator.ge),
+            ("maximum", operator.le),
+            ("exclusiveMinimum", operator.gt),
+            ("exclusiveMaximum", operator.lt),
+        ):
+            if key in schema and not holds(value, schema[key]):
+                raise SchemaViolation(
+                    f"Expected a number satisfying {key} {schema[key]}, got {value!r} - at `{path}`"
+                )
+        step = schema.get("multipleOf")
+        if step and (value / step) != int(value / step):
+            raise SchemaViolation(f"Expected a multiple of {step}, got {value!r} - at `{path}`")
+    sized: list[tuple[str, str, int]] = []
+    if isinstance(value, str):
+        sized = [("minLength", ">=", len(value)), ("maxLength", "<=", len(value))]
+        pattern = schema.get("pattern")
+        if pattern is not None and re.search(pattern, value) is None:
+            raise SchemaViolation(
+                f"Expected `str` matching regex {pattern!r}, got {value!r} - at `{path}`"
+            )
+    elif isinstance(value, list):
+        sized = [("minItems", ">=", len(value)), ("maxItems", "<=", len(value))]
+    elif isinstance(value, dict):
+        sized = [("minProperties", ">=", len(value)), ("maxProperties", "<=", len(value))]
+    for key, op, size in sized:
+        if key in schema and not (size >= schema[key] if op == ">=" else size <= schema[key]):
+            raise SchemaViolation(
+                f"Expected length {op} {schema[key]} ({key}), got {size} - at `{path}`"
+            )
+
+
 def _validate(value: Any, schema: dict[str, Any], defs: dict[str, Any], path: str) -> None:
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[-1]
@@ -128,6 +165,7 @@ def _validate(value: Any, schema: dict[str, Any], defs: dict[str, Any], path: st
             raise SchemaViolation(
                 f"Expected `{' | '.join(names)}`, got `{type(value).__name__}` - at `{path}`"
             )
+    _check_bounds(value, schema, path)
     if isinstance(value, dict):
         props: dict[str, Any] = schema.get("properties", {})
         for field in schema.get("required", []):

@@ -12,6 +12,7 @@ thanks to WAL, never wait for the writer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import sqlite3
@@ -47,6 +48,8 @@ _INSERT_TRANSITION = (
 )
 _MAX_BATCH = 2000
 
+log = logging.getLogger("waystation")
+
 WriteOp = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], Any]
 """A write: runs on the writer thread inside the batch's transaction. Journal rows it
 appends to the list are inserted with one executemany for the whole batch, before COMMIT."""
@@ -66,12 +69,14 @@ def _connect(path: str, durability: Durability) -> sqlite3.Connection:
         # Look before touching: a foreign file must be refused before it is switched to WAL.
         migrations.current_version(conn)
         conn.execute("PRAGMA journal_mode=WAL")
-    except NotAWaystationDatabase as exc:
+    except StoreError as exc:
         conn.close()
-        raise NotAWaystationDatabase(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise NotAWaystationDatabase(f"{path}: not a waystation database ({exc})") from exc
+        if migrations._is_foreign(exc):
+            raise NotAWaystationDatabase(f"{path}: not a waystation database ({exc})") from exc
+        raise StoreError(f"{path}: cannot use the database: {exc}") from exc
     conn.execute(f"PRAGMA synchronous={'FULL' if durability == 'full' else 'NORMAL'}")
     conn.execute("PRAGMA foreign_keys=ON")
     return conn
@@ -80,8 +85,10 @@ def _connect(path: str, durability: Durability) -> sqlite3.Connection:
 class _Writer:
     """One thread, one connection, one transaction per batch of queued writes."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self._conn = conn
+        self._path = path
+        self._identity = _identity(path)
         self._queue: queue.SimpleQueue[tuple[WriteOp, asyncio.Future[Any]] | None] = (
             queue.SimpleQueue()
         )
@@ -122,8 +129,22 @@ class _Writer:
         conn = self._conn
         outcomes: list[tuple[asyncio.Future[Any], bool, Any]] = []
         rows: list[tuple[Any, ...]] = []
+        moved = self._moved()
+        if moved is not None:
+            # SQLite would go on writing to the unlinked (or replaced) file, and every commit
+            # would be lost with the process: refuse, loudly, instead.
+            log.error("%s", moved)
+            self._deliver([(f, False, StoreError(moved)) for _, f in batch], len(batch))
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            # Locked by another process past busy_timeout, or unwritable: every write of
+            # the batch would meet the same wall, so all of them get the error now.
+            error = _store_error(exc)
+            self._deliver([(f, False, error) for _, f in batch], len(batch))
+            return
+        try:
             results = [op(conn, rows) for op, _ in batch]
             if rows:
                 conn.executemany(_INSERT_TRANSITION, rows)
@@ -146,8 +167,23 @@ class _Writer:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     outcomes.append((future, False, _store_error(exc)))
+        self._deliver(outcomes, len(batch))
+
+    def _moved(self) -> str | None:
+        if self._identity is None:
+            return None
+        now = _identity(self._path)
+        if now == self._identity:
+            return None
+        what = "was deleted" if now is None else "was replaced by another file"
+        return (
+            f"{self._path} {what} while the engine had it open; nothing more is written. "
+            "Close the engine; restore the file (or open the new one) and start again"
+        )
+
+    def _deliver(self, outcomes: list[tuple[asyncio.Future[Any], bool, Any]], n: int) -> None:
         self.batches += 1
-        self.writes += len(batch)
+        self.writes += n
         # One wake-up per event loop per batch, not one per caller.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
         for outcome in outcomes:
@@ -157,6 +193,15 @@ class _Writer:
                 loop.call_soon_threadsafe(_settle, items)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the database file; None if it is not there (or is in memory)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -191,6 +236,7 @@ class SQLiteStore:
         self._writer: _Writer | None = None
         self._reader: aiosqlite.Connection | None = None
         self._update_sql: dict[tuple[Any, ...], str] = {}
+        self._read_lock = asyncio.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -211,8 +257,10 @@ class SQLiteStore:
         try:
             conn = await asyncio.to_thread(prepare)
         except sqlite3.DatabaseError as exc:
-            raise NotAWaystationDatabase(f"{self.path}: {exc}") from exc
-        self._writer = _Writer(conn)
+            if migrations._is_foreign(exc):
+                raise NotAWaystationDatabase(f"{self.path}: {exc}") from exc
+            raise StoreError(f"{self.path}: cannot use the database: {exc}") from exc
+        self._writer = _Writer(conn, self.path)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
 
@@ -241,6 +289,22 @@ class SQLiteStore:
         if self._reader is None:
             raise StoreError("store is closed")
         return self._reader
+
+    # One reader connection serves every task. In SQLite a read sees the snapshot of the
+    # read transaction it runs in, and a connection's read transaction lasts while any of
+    # its statements is open: two overlapping reads would share the older snapshot, and a
+    # task could miss a commit it had just awaited. So reads take turns, each from execute
+    # to the closed cursor, and each starts on a fresh snapshot.
+
+    async def _read(self, sql: str, params: Any = ()) -> list[Any]:
+        async with self._read_lock:
+            async with self._r.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+
+    async def _read_one(self, sql: str, params: Any = ()) -> Any:
+        async with self._read_lock:
+            async with self._r.execute(sql, params) as cur:
+                return await cur.fetchone()
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -399,17 +463,13 @@ class SQLiteStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        async with self._r.execute(
-            f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = await self._read_one(f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,))
         return None if row is None else _run(row)
 
     async def get_run_by_key(self, idempotency_key: str) -> RunRecord | None:
-        async with self._r.execute(
+        row = await self._read_one(
             f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else _run(row)
 
     async def list_runs(
@@ -436,18 +496,16 @@ class SQLiteStore:
             params.append(after)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         params.append(int(limit))
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_RUN_FIELDS} FROM runs {clause} ORDER BY run_id LIMIT ?", params
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_run(r) for r in rows]
 
     async def tree(self, root_run_id: str) -> list[RunRecord]:
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_RUN_FIELDS} FROM runs WHERE root_run_id = ? ORDER BY depth, run_id",
             (root_run_id,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_run(r) for r in rows]
 
     async def transitions_since(
@@ -468,71 +526,64 @@ class SQLiteStore:
             where += " AND run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)"
             params.append(root_run_id)
         params.append(limit)
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE {where} "
             "ORDER BY at, run_id, seq LIMIT ?",
             params,
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_transition(r) for r in rows]
 
     async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
             "AND status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
             (now, limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_run(r) for r in rows]
 
     async def next_wake(self) -> float | None:
-        async with self._r.execute(
+        row = await self._read_one(
             "SELECT MIN(wake_at) FROM runs WHERE wake_at IS NOT NULL "
             "AND status IN ('pending', 'paused')"
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None or row[0] is None else float(row[0])
 
     async def count_stage_executions(self, root_run_id: str) -> int:
-        async with self._r.execute(
+        row = await self._read_one(
             "SELECT COUNT(*) FROM transitions WHERE event IN ('started', 'retrying') AND "
             "run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)",
             (root_run_id,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return int(row[0]) if row else 0
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
             "ORDER BY seq",
             (run_id, after_seq),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_transition(r) for r in rows]
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
             "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
             "'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
             "'compensation_failed') "
             "ORDER BY seq",
             (run_id,),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_transition(r) for r in rows]
 
     async def active_runs(
         self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None
     ) -> list[RunRecord]:
-        async with self._r.execute(
+        rows = await self._read(
             f"SELECT {_RUN_FIELDS} FROM runs WHERE status IN ('pending', 'running') "
             "AND run_id > ? AND (lease_owner IS NULL OR lease_owner != ?) "
             "ORDER BY run_id LIMIT ?",
             (after or "", exclude_owner or "", limit),
-        ) as cur:
-            rows = await cur.fetchall()
+        )
         return [_run(r) for r in rows]
 
 

@@ -1,0 +1,189 @@
+"""Shared helpers for the reliability tests: raw SQL reads, journal invariants, bounded waits.
+
+Everything here reads the database with a separate `sqlite3` connection, as another tool
+would, so the assertions do not trust the engine's own view of what it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SAFETY = 20.0
+"""Upper bound of any single wait in these tests (a loaded 2-core machine included)."""
+
+TERMINAL_EVENTS = {"completed": "succeeded", "cancelled": "cancelled"}
+"""Journal events that end a run, and the status they leave it in (`failed` is special:
+a `continue_on_error` stage journals `failed` without ending the run)."""
+
+
+def query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read `db` with a fresh sqlite3 connection."""
+    with closing(sqlite3.connect(db, timeout=SAFETY)) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def integrity(db: Path) -> list[tuple[Any, ...]]:
+    """`PRAGMA integrity_check` rows; `[("ok",)]` for a sound file."""
+    return query(db, "PRAGMA integrity_check")
+
+
+def tables(db: Path) -> set[str]:
+    return {r[0] for r in query(db, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def run_row(db: Path, run_id: str) -> dict[str, Any] | None:
+    with closing(sqlite3.connect(db, timeout=SAFETY)) as conn:
+        conn.row_factory = sqlite3.Row
+        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return None if row is None else dict(row)
+
+
+def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
+    """(seq, stage_index, event, attempt, payload, error) of one run, in seq order."""
+    return query(
+        db,
+        "SELECT seq, stage_index, event, attempt, payload, error FROM transitions "
+        "WHERE run_id = ? ORDER BY seq",
+        (run_id,),
+    )
+
+
+def events(db: Path, run_id: str) -> list[tuple[str, int | None]]:
+    return [(e, i) for _, i, e, *_ in journal(db, run_id)]
+
+
+def count_events(db: Path, run_id: str, event: str) -> int:
+    ((n,),) = query(
+        db, "SELECT COUNT(*) FROM transitions WHERE run_id = ? AND event = ?", (run_id, event)
+    )
+    return int(n)
+
+
+def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
+    """Assert the invariants every run's journal keeps, whatever happened to it; returns it.
+
+    - seq runs 1, 2, 3, ... without gaps, and the run row's `seq` is the last one;
+    - no stage has two `succeeded` rows (a committed stage never runs again);
+    - since the last `retried` row (engine.retry), at most one event ended the run, and it is
+      the last row, matching the run's status;
+    - a settled run holds no lease.
+    """
+    rows = journal(db, run_id)
+    row = run_row(db, run_id)
+    assert row is not None, f"run {run_id} has no row"
+    seqs = [r[0] for r in rows]
+    assert seqs == list(range(1, len(rows) + 1)), f"run {run_id}: seq has gaps: {seqs}"
+    assert row["seq"] == len(rows), f"run {run_id}: row seq {row['seq']} != {len(rows)} rows"
+    done = collections.Counter(r[1] for r in rows if r[2] == "succeeded")
+    twice = {i: n for i, n in done.items() if n > 1}
+    assert not twice, f"run {run_id}: stages committed more than once: {twice}"
+    last_retry = max((k for k, r in enumerate(rows) if r[2] == "retried"), default=-1)
+    tail = rows[last_retry + 1 :]
+    enders = [r for r in tail if r[2] in TERMINAL_EVENTS]
+    status = row["status"]
+    if status == "failed":
+        assert tail and tail[-1][2] == "failed", f"run {run_id} failed, journal ends {tail[-1:]}"
+        assert not enders, f"run {run_id}: failed, yet journal has {enders}"
+    elif status in ("succeeded", "cancelled"):
+        assert len(enders) == 1, f"run {run_id}: {status} with end events {enders}"
+        assert tail[-1] == enders[0], f"run {run_id}: rows after the end: {tail}"
+        assert TERMINAL_EVENTS[enders[0][2]] == status, f"run {run_id}: {status} vs {enders}"
+    else:
+        assert not enders, f"run {run_id}: {status}, yet journal has {enders}"
+    if status in ("succeeded", "failed", "cancelled", "paused"):
+        assert row["lease_owner"] is None, f"run {run_id} is {status} but leased"
+    return rows
+
+
+def check_all(db: Path) -> None:
+    """`check_journal` for every run in `db`, and the file's integrity."""
+    assert integrity(db) == [("ok",)]
+    for (run_id,) in query(db, "SELECT run_id FROM runs"):
+        check_journal(db, run_id)
+
+
+async def wait_until(
+    what: str, check: Callable[[], bool | Awaitable[bool]], timeout: float = SAFETY
+) -> None:
+    """Poll `check` until true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for `python -m tests.reliability...` children: the repo importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+async def spawn(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Child:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *args,
+        cwd=cwd,
+        env=subprocess_env() if env is None else env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return Child(proc)
+
+
+class Child:
+    """A subprocess whose stdout is read line by line, every wait bounded."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    async def line(self, timeout: float = SAFETY) -> str:
+        assert self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"child {self.proc.pid} printed nothing in {timeout}s") from None
+        if not raw:
+            code, _, err = await self.finish()
+            raise AssertionError(f"child {self.proc.pid} exited ({code}) early:\n{err}")
+        return raw.decode().strip()
+
+    async def finish(self, timeout: float = SAFETY) -> tuple[int, str, str]:
+        """Wait for exit; (return code, rest of stdout, stderr)."""
+        try:
+            out, err = await asyncio.wait_for(self.proc.communicate(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise AssertionError(f"child {self.proc.pid} did not exit in {timeout}s") from None
+        assert self.proc.returncode is not None
+        return self.proc.returncode, out.decode(), err.decode()
+
+    async def cleanup(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def stage_counts(rows: Iterable[tuple[Any, ...]]) -> collections.Counter[int]:
+    """`succeeded` rows per stage index."""
+    return collections.Counter(r[1] for r in rows if r[2] == "succeeded")
