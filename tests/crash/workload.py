@@ -191,8 +191,8 @@ interviews = ws.Pipeline("crash-interview", [interview, wrapup], version="1")
 
 # -- fleet: a parent stage that fans out to child runs ----------------------------------------
 
-FLEET_CHILDREN = 8
-FLEET_CONCURRENCY = 3
+FLEET_CHILDREN = 20
+FLEET_CONCURRENCY = 5
 
 
 @ws.stage
