@@ -629,7 +629,7 @@ async def _driving(path: str, pipelines: Sequence[Pipeline] = ()) -> AsyncIterat
     """An engine on an existing database that drives only the runs this command starts or
     continues: `recover=False`, so never runs that other processes left behind."""
     _require_database(path)
-    async with Engine.open(path, pipelines=pipelines, recover=False) as engine:
+    async with Engine.open(path, pipelines=pipelines, recover=False, shutdown_grace=0) as engine:
         yield engine
 
 

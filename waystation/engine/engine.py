@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -139,6 +140,7 @@ class Engine:
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
         clock: Clock | None = None,
         tracer: Any = None,
+        shutdown_grace: float = 5.0,
     ) -> None:
         if lease_ttl <= 0 or poll_interval <= 0:
             raise ValueError("lease_ttl and poll_interval must be positive")
@@ -165,6 +167,8 @@ class Engine:
         real time: they are about processes being alive)."""
         self.timers = Timers(self)
         self.tracing = Tracing(tracer) if tracer is not None else None
+        self.shutdown_grace = shutdown_grace
+        self._closing = False
         self._active: dict[str, Driver] = {}
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
@@ -193,6 +197,7 @@ class Engine:
         workspace_policy: Literal["keep", "remove_on_success"] = "remove_on_success",
         clock: Clock | None = None,
         tracer: Any = None,
+        shutdown_grace: float = 5.0,
     ) -> Engine:
         """An engine on the SQLite file at `path` (created if missing) or on a given `Store`.
 
@@ -207,6 +212,9 @@ class Engine:
         `budgets` the named budgets stages spend (`ctx.spend`). Each run may use a directory
         under `workspace_root` (`ctx.workspace`); with "remove_on_success" a root run's
         directory (its children's included) is removed when it succeeds, kept otherwise.
+        On close, stages in flight get `shutdown_grace` seconds to finish (no new stage,
+        run or claim starts meanwhile); then the rest are interrupted and left, with their
+        leases released, for the next engine to continue at once.
         `clock` is the time of durable sleeps, scheduled starts and pause expiry
         (`ws.ManualClock` in tests). `tracer`, an OpenTelemetry tracer, turns on spans per
         run and per stage attempt (children nested under their launching stage).
@@ -229,6 +237,7 @@ class Engine:
             workspace_policy=workspace_policy,
             clock=clock,
             tracer=tracer,
+            shutdown_grace=shutdown_grace,
         )
 
     def __await__(self) -> Generator[Any, None, Engine]:
@@ -276,11 +285,21 @@ class Engine:
             tg.cancel_scope.cancel()
         self._task_group = None
 
-    async def close(self) -> None:
-        """Stop driving runs (they stay recoverable), release leases, close the store."""
+    async def close(self, *, grace: float | None = None) -> None:
+        """Stop claiming runs, let stages in flight finish within `grace` seconds (default:
+        the engine's `shutdown_grace`), interrupt the rest (they stay recoverable), release
+        leases so another engine continues at once, and close the store."""
         if not self._opened:
             return
         self._opened = False
+        self._closing = True
+        wait = self.shutdown_grace if grace is None else grace
+        for driver in list(self._active.values()):
+            driver.stopping = True  # finish the stage in hand, start no other
+        if wait > 0 and self._active:
+            with anyio.move_on_after(wait):
+                for driver in list(self._active.values()):
+                    await driver.done.wait()
         if self._stop is not None:
             self._stop.set()
         if self._service is not None:
@@ -346,6 +365,27 @@ class Engine:
             )
         return found
 
+    async def _pipeline_for(self, record: RunRecord) -> Pipeline:
+        """`_pipeline_of`, with a `PipelineChanged` that says which stages changed (from the
+        shape recorded when the run was created)."""
+        try:
+            return self._pipeline_of(record)
+        except PipelineChanged as exc:
+            registered = self._pipelines.get((record.pipeline, record.pipeline_version))
+            if registered is None:
+                raise
+            rows = await self.store.history(record.run_id, after_seq=0)
+            first = codec.decode_any(rows[0].payload) if rows and rows[0].payload else None
+            before = first.get("shape") if isinstance(first, dict) else None
+            if not isinstance(before, list):
+                raise
+            now = registered.shape()
+            changes = [f"- {line}" for line in before if line not in now]
+            changes += [f"+ {line}" for line in now if line not in before]
+            if not changes:
+                raise
+            raise PipelineChanged(f"{exc}\nwhat changed:\n" + "\n".join(changes)) from None
+
     def _pipeline_of(self, record: RunRecord) -> Pipeline:
         """The registered pipeline a stored run can continue under, or a clear error."""
         found = self._pipelines.get((record.pipeline, record.pipeline_version))
@@ -381,13 +421,16 @@ class Engine:
         run_id: str | None = None,
         idempotency_key: str | None = None,
         not_before: datetime | float | None = None,
+        drive: bool = True,
     ) -> Run:
         """Create a run and start driving it; returns at once with the run as created.
 
         With an `idempotency_key` or `run_id` that already exists, nothing is created and the
         existing run is returned (a different pipeline under the same id is an error).
         With `not_before` (a datetime or Unix time on the engine's clock) the run is created
-        `pending` and parked; a worker starts it when the time comes.
+        `pending` and parked; a worker starts it when the time comes. With `drive=False`
+        the run is created `pending` and left to any worker engine (a web process that only
+        enqueues work, say).
         """
         self._check_open()
         p = self._resolve(pipeline)
@@ -407,29 +450,26 @@ class Engine:
             wake_at = not_before.timestamp() if isinstance(not_before, datetime) else not_before
             if wake_at <= self.clock.time():
                 wake_at = None
-        scheduled = [
-            NewTransition("scheduled", payload=codec.encode({"not_before": wake_at}).decode())
-        ]
+        here = wake_at is None and drive
+        later = NewTransition(
+            "scheduled", payload=codec.encode({"not_before": wake_at}).decode()
+        )
         created, record = await self.store.create_run(
             NewRun(
                 run_id=rid,
                 pipeline=p.name,
                 pipeline_version=p.version,
                 fingerprint=p.fingerprint,
-                status="running" if wake_at is None else "pending",
+                status="running" if here else "pending",
                 input=text,
                 root_run_id=rid,
                 idempotency_key=idempotency_key,
-                lease_owner=self.owner if wake_at is None else None,
-                lease_expires=time.time() + self.lease_ttl if wake_at is None else None,
+                lease_owner=self.owner if here else None,
+                lease_expires=time.time() + self.lease_ttl if here else None,
                 wake_at=wake_at,
                 transitions=[
-                    NewTransition("created"),
-                    *(
-                        [NewTransition("started", 0, p.stages[0].name, 1)]
-                        if wake_at is None
-                        else scheduled
-                    ),
+                    NewTransition("created", payload=codec.encode({"shape": p.shape()}).decode()),
+                    NewTransition("started", 0, p.stages[0].name, 1) if here else later,
                 ],
             )
         )
@@ -439,8 +479,8 @@ class Engine:
                     f"run {record.run_id} already exists for pipeline {record.pipeline!r}"
                 )
             return self._to_run(record)
-        if wake_at is not None:
-            log.info("run %s scheduled (%s v%s) for %s", rid, p.name, p.version, wake_at)
+        if not here:
+            log.info("run %s queued (%s v%s) for %s", rid, p.name, p.version, wake_at or "now")
             self.timers.changed()
             return self._to_run(record)
         log.info("run %s started (%s v%s)", rid, p.name, p.version)
@@ -477,6 +517,8 @@ class Engine:
 
     def _launch(self, driver: Driver) -> None:
         assert self._task_group is not None
+        if self._closing:
+            driver.stopping = True  # a child launched while closing: left for recovery
         self._active[driver.run_id] = driver
         self._task_group.start_soon(self._drive, driver, name=f"waystation-run-{driver.run_id}")
 
@@ -571,7 +613,7 @@ class Engine:
                 )
             record, pauses, chosen = deeper, found, match
         try:
-            p: Pipeline | None = self._pipeline_of(record)
+            p: Pipeline | None = await self._pipeline_for(record)
         except PipelineNotRegistered:
             p = None
         answer = self._check_answer(record.run_id, p, chosen, value)
@@ -718,7 +760,7 @@ class Engine:
             raise InvalidRunState(
                 f"run {run_id} is {record.status}; only failed or cancelled runs can be retried"
             )
-        p = self._pipeline_of(record)
+        p = await self._pipeline_for(record)
         await self._check_loadable(p, record)
         i = record.stage_index
         name = p.stages[i].name if i < len(p.stages) else None
@@ -766,7 +808,7 @@ class Engine:
             raise InvalidRunState(
                 f"run {run_id} is {record.status}; only finished runs can be replayed"
             )
-        p = self._pipeline_of(record)
+        p = await self._pipeline_for(record)
         if from_stage is None:
             if input is not None:
                 start = 0
@@ -829,6 +871,60 @@ class Engine:
         if not wait:
             return await self.get(new_id)
         return await self.wait(new_id, timeout=timeout)
+
+    async def migrate_run(self, run_id: str, *, to: Pipeline) -> Run:
+        """Move a run that is not running (paused, failed, cancelled, pending) to another
+        registered version of its pipeline, explicitly.
+
+        Refused (`PipelineChanged`, the run left as it was) unless `to` has the same name,
+        the stages the run has passed have the same names at the same places in `to`, and
+        their stored outputs (and the input) decode under `to`'s types. The journal records
+        a `migrated` row; later resumes, retries and recoveries use `to`.
+        """
+        self._check_open()
+        record = await self._record(run_id)
+        target = self._resolve(to)
+        if record.status == "running":
+            raise InvalidRunState(f"run {run_id} is running; migrate it while it is not")
+        if target.name != record.pipeline:
+            raise PipelineChanged(
+                f"run {run_id} belongs to pipeline {record.pipeline!r}, not {target.name!r}"
+            )
+        try:
+            current: Pipeline | None = self._pipeline_of(record)
+        except WaystationError:
+            current = None
+        if current is not None:
+            passed = [s.name for s in current.stages[: record.stage_index + 1]]
+            theirs = [s.name for s in target.stages[: len(passed)]]
+            if passed != theirs:
+                raise PipelineChanged(
+                    f"run {run_id} cannot move to {target.name!r} version {target.version!r}: "
+                    f"the stages it has reached ({', '.join(passed)}) are "
+                    f"{', '.join(theirs) or 'missing'} there"
+                )
+        moved = dataclasses.replace(
+            record, pipeline_version=target.version, fingerprint=target.fingerprint
+        )
+        await self._check_loadable(target, moved)
+        seq = await self.store.update_run(
+            run_id,
+            Guard((record.status,), seq=record.seq),
+            [
+                NewTransition(
+                    "migrated",
+                    record.stage_index,
+                    payload=codec.encode(
+                        {"from": record.pipeline_version, "to": target.version}
+                    ).decode(),
+                )
+            ],
+            {"pipeline_version": target.version, "fingerprint": target.fingerprint},
+        )
+        if seq is None:
+            raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
+        log.info("run %s moved to %s v%s", run_id, target.name, target.version)
+        return await self.get(run_id)
 
     async def _continue(self, p: Pipeline, run_id: str) -> None:
         """Start driving a run we hold the lease of, from its committed state."""
@@ -1091,6 +1187,8 @@ class Engine:
         Called on open and periodically. Runs of pipelines not registered here are left for
         an engine that has them.
         """
+        if self._closing:
+            return 0
         self._check_open()
         now = time.time()
         claimed = 0

@@ -334,6 +334,19 @@ class Pipeline:
             continue_on_error=continue_on_error,
         )
 
+    def shape(self) -> list[str]:
+        """The stages as readable signatures (`stage:charge(order: Order, ...) -> Receipt`),
+        recorded with each run so that `PipelineChanged` can say what changed."""
+        out = []
+        for s in self.stages:
+            for part in (s, *_branches(s)):
+                params = ", ".join(f"{p.name}: {_short(p.annotation)}" for p in part.params)
+                line = f"{part.kind}:{part.name}({params}) -> {_short(part.returns)}"
+                for child in part.compose.pipelines.values() if part.compose is not None else ():
+                    line += f" [{child.name} v{child.version} {child.fingerprint}]"
+                out.append(line)
+        return out
+
     def _fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(f"{self.name}\0{_type_name(self.input_type)}\0".encode())
@@ -415,6 +428,12 @@ def _branches(stage: Stage) -> tuple[Stage, ...]:
 def _identifier(name: str) -> str:
     out = "".join(c if c.isalnum() else "_" for c in name)
     return out if out[:1].isalpha() else f"P{out}"
+
+
+def _short(tp: Any) -> str:
+    if tp is Any:
+        return "Any"
+    return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
 def _type_name(tp: Any) -> str:

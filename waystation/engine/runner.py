@@ -303,6 +303,9 @@ class Driver:
         self.scope = anyio.CancelScope()
         self.cancel_requested = False
         self.stranded = False
+        self.stopping = False
+        """Set when the engine closes: finish the stage in hand, then stop (still running,
+        for the next engine to continue)."""
         self.unloadable = False
         """Set when a recovered run's stored values do not decode: leave it alone."""
         """Set when the run stopped unsettled (a failed commit): the engine retries it later."""
@@ -373,6 +376,9 @@ class Driver:
             await self._finish_failure(i, stages[i], self.state.compensating)
             return
         while i < len(stages):
+            if self.stopping:
+                log.info("run %s left at %s for the next engine", self.run_id, stages[i].name)
+                return
             stage = stages[i]
             try:
                 when = self.pipeline.when_bindings[i]

@@ -79,6 +79,8 @@ class Timers:
     async def fire(self, now: float) -> int:
         """Act on every run due at `now`; returns how many were acted on."""
         acted = 0
+        if self.engine._closing:
+            return 0
         for record in await self.engine.store.due_runs(now):
             try:
                 if record.status == "pending":
