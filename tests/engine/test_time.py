@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -322,3 +323,50 @@ async def test_a_crash_during_compensation_continues_with_the_rest(tmp_path: Pat
         ("compensated", "b"),
         ("compensated", "a"),
     ]
+
+
+def _undo(name: str) -> Any:
+    def undo(output: Any) -> None:
+        undone.append(f"undo {name}")
+
+    return undo
+
+
+def _step(name: str) -> ws.Stage:
+    async def do(x: int) -> str:
+        return name
+
+    return ws.Stage(do, name=name, compensate=_undo(name))
+
+
+grandchild = ws.Pipeline("grandchild", [_step("g1")])
+
+
+@ws.stage(compensate=_undo("c2"))
+async def c2(x: int, ctx: ws.StageContext) -> str:
+    return str(await ctx.run_child(grandchild, {"x": x}))
+
+
+child_saga = ws.Pipeline("child_saga", [_step("c1"), c2])
+
+
+@ws.stage
+async def explode(child_saga: str) -> str:
+    raise RuntimeError("late failure")
+
+
+parent_saga = ws.Pipeline(
+    "parent_saga", [_step("p1"), child_saga, explode], on_failure="compensate"
+)
+
+
+async def test_children_compensate_with_their_parent_deepest_first(db: Path) -> None:
+    undone.clear()
+    async with ws.Engine.open(db, pipelines=[parent_saga]) as engine:
+        run = await engine.start(parent_saga, {"x": 1})
+        assert run.status == "failed" and run.error is not None
+        assert "late failure" in run.error.message
+        tree = await engine.tree(run.run_id)
+        child_events = [t.event for t in await engine.history(tree.children[0].run.run_id)]
+    assert undone == ["undo g1", "undo c2", "undo c1", "undo p1"]
+    assert child_events.count("compensated") == 2

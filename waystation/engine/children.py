@@ -10,6 +10,7 @@ the finished ones' outputs back instead of launching them again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import msgspec
 from .._ids import new_run_id
 from ..errors import BudgetExceeded, ChildFailed
 from ..store import codec
-from ..store.base import NewRun, NewTransition, RunRecord
+from ..store.base import Guard, NewRun, NewTransition, RunRecord
 from .context import PauseSignal, StageContext
 from .models import StageError, decode_pauses
 from .pipeline import Pipeline
@@ -30,6 +31,8 @@ from .pipeline import Pipeline
 if TYPE_CHECKING:
     from .engine import Engine
     from .runner import Driver
+
+log = logging.getLogger("waystation")
 
 
 @dataclass(frozen=True)
@@ -201,7 +204,37 @@ class ChildRunner:
                 with contextlib.suppress(Exception):
                     await self.engine.cancel(record.run_id)
 
-    # -- budgets -----------------------------------------------------------------------------
+    # -- compensation ------------------------------------------------------------------------
+
+    async def compensate_children(self, parent: Driver, stage_index: int) -> None:
+        """Undo the succeeded child runs that the parent's stage launched, last launched
+        first, each with its own pipeline's compensations (and its children's, deeper
+        first). Journaled in the child's own journal, so each is undone once."""
+        from .runner import Driver, RunState
+
+        engine = self.engine
+        prefix = f"child:{parent.run_id}/{stage_index}/"
+        kids = [
+            r
+            for r in await engine.store.list_runs(parent_run_id=parent.run_id, limit=100_000)
+            if r.status == "succeeded" and (r.idempotency_key or "").startswith(prefix)
+        ]
+        for record in reversed(kids):
+            try:
+                p = engine._pipeline_of(record)
+            except Exception as exc:
+                log.warning("child run %s not compensated: %s", record.run_id, exc)
+                continue
+            rows = await engine.store.stage_results(record.run_id)
+            child = Driver(**engine._driver_args(p), state=RunState.load(p, record, rows))
+            run_id = record.run_id
+
+            async def journal(transitions: list[NewTransition], run_id: str = run_id) -> None:
+                await engine.store.update_run(run_id, Guard(("succeeded",)), transitions)
+
+            await child._compensate(len(p.stages), journal)
+
+    # -- budgets ---------------------------------------------------------------------------
 
     async def count_stage(self, driver: Driver, *, launching: bool = False) -> None:
         """Count one stage execution against the tree's `max_total_stages` (trees with

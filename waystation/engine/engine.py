@@ -451,9 +451,7 @@ class Engine:
             if wake_at <= self.clock.time():
                 wake_at = None
         here = wake_at is None and drive
-        later = NewTransition(
-            "scheduled", payload=codec.encode({"not_before": wake_at}).decode()
-        )
+        later = NewTransition("scheduled", payload=codec.encode({"not_before": wake_at}).decode())
         created, record = await self.store.create_run(
             NewRun(
                 run_id=rid,

@@ -16,7 +16,7 @@ import math
 import time
 import traceback
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -827,9 +827,7 @@ class Driver:
 
     async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
         err = codec.encode(error_info(exc, stage, i)).decode()
-        if self.pipeline.on_failure == "compensate" and any(
-            s.compensate is not None for s in self.pipeline.stages[:i]
-        ):
+        if self.pipeline.on_failure == "compensate":
             # Durable first: after a crash from here on, recovery finishes the compensation.
             await self._commit(
                 [NewTransition("compensating", i, stage.name, self._attempt_of(i), error=err)]
@@ -849,11 +847,18 @@ class Driver:
             "run %s failed at %s: %s: %s", self.run_id, stage.name, error.type, error.message
         )
 
-    async def _compensate(self, failed_at: int) -> None:
-        """Undo the completed stages before `failed_at`, last first, each once."""
+    async def _compensate(
+        self,
+        failed_at: int,
+        journal: Callable[[list[NewTransition]], Awaitable[None]] | None = None,
+    ) -> None:
+        """Undo the completed stages before `failed_at`, last first, each once; the child
+        runs a stage launched are undone before the stage itself (deepest first)."""
+        journal = journal or self._commit
         stages = self.pipeline.stages
         for j in reversed(range(failed_at)):
             stage = stages[j]
+            await self.children.compensate_children(self, j)
             if stage.compensate is None or j in self.state.compensated:
                 continue
             value = self.state.values[j]
@@ -876,11 +881,9 @@ class Driver:
                     exc,
                 )
                 info = codec.encode(error_info(exc, stage, j)).decode()
-                await self._commit(
-                    [NewTransition("compensation_failed", j, stage.name, error=info)]
-                )
+                await journal([NewTransition("compensation_failed", j, stage.name, error=info)])
             else:
-                await self._commit([NewTransition("compensated", j, stage.name)])
+                await journal([NewTransition("compensated", j, stage.name)])
             self.state.compensated.add(j)
 
     async def _fail_and_continue(self, i: int, stage: Stage, exc: BaseException) -> None:
