@@ -260,13 +260,7 @@ async def run_composite(stage: Stage, kwargs: dict[str, Any], ctx: StageContext)
     pipeline = spec.pipelines[""]
     child_input = _inputs(pipeline, kwargs)
     for field_name, path in spec.inputs.items():
-        root, *rest = path.split(".")
-        try:
-            child_input[field_name] = resolve_path(kwargs[root], rest)
-        except (KeyError, IndexError, AttributeError, TypeError) as exc:
-            raise ChildFailed(
-                f"stage {stage.name!r}: input path {path!r} does not resolve ({exc!r})"
-            ) from exc
+        child_input[field_name] = _follow(stage, "input", path, kwargs)
     if spec.kind == "loop":
         output: Any = None
         for iteration in range(spec.max_iterations):
@@ -284,16 +278,18 @@ async def run_composite(stage: Stage, kwargs: dict[str, Any], ctx: StageContext)
     outputs = await driver.children.run(
         driver, ctx, pipeline, child_input, ctx._next_call(), "child", stage_outputs=True
     )
-    result: dict[str, Any] = {}
-    for name, path in spec.outputs.items():
-        root, *rest = path.split(".")
-        try:
-            result[name] = resolve_path(outputs[root], rest)
-        except (KeyError, IndexError, AttributeError, TypeError) as exc:
-            raise ChildFailed(
-                f"stage {stage.name!r}: output path {path!r} does not resolve ({exc!r})"
-            ) from exc
-    return result
+    return {name: _follow(stage, "output", path, outputs) for name, path in spec.outputs.items()}
+
+
+def _follow(stage: Stage, what: str, path: str, roots: Mapping[str, Any]) -> Any:
+    """Resolve a dotted `path` whose first part names one of `roots`."""
+    root, *rest = path.split(".")
+    try:
+        return resolve_path(roots[root], rest)
+    except (KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ChildFailed(
+            f"stage {stage.name!r}: {what} path {path!r} does not resolve ({exc!r})"
+        ) from exc
 
 
 def _inputs(pipeline: Pipeline, kwargs: Mapping[str, Any]) -> dict[str, Any]:

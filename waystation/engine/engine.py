@@ -1085,20 +1085,7 @@ class Engine:
             ) from exc
 
     def _transitions(self, rows: builtins.list[TransitionRecord]) -> builtins.list[Transition]:
-        return [
-            Transition(
-                run_id=r.run_id,
-                seq=r.seq,
-                stage_index=r.stage_index,
-                stage_path=r.stage_path,
-                event=r.event,
-                attempt=r.attempt,
-                payload=codec.decode_any(r.payload),
-                error=msgspec.json.decode(r.error, type=StageError) if r.error else None,
-                at=_when(r.at),
-            )
-            for r in rows
-        ]
+        return [events.to_transition(r) for r in rows]
 
     def _to_run(self, r: RunRecord) -> Run:
         try:
