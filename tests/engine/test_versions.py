@@ -154,7 +154,7 @@ WORKER = """
 import asyncio, os, sys, time
 import waystation as ws
 
-SIDE = sys.argv[2]
+SIDE = sys.argv[2] if __name__ == "__main__" else ""  # imported by the test for `pipe`
 
 def note(run_id, stage):
     with open(SIDE, "a") as f:
