@@ -23,7 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import msgspec
@@ -152,22 +152,25 @@ async def subscribe(
             await anyio.sleep(poll_interval)
 
 
-class _Follower:
+class _Follower(Protocol):
     """Reads the next rows to deliver; no I/O outside `start`, `poll` and `settled`."""
 
-    more = False
+    more: bool = False
     """True when `poll` stopped at a full page: poll again without waiting."""
-    finished = False
+    finished: bool = False
     """True when nothing will ever match (the run is not in the given tree)."""
 
     async def start(self) -> None:
-        raise NotImplementedError
+        """Fix where the stream begins."""
+        ...
 
     async def poll(self) -> list[TransitionRecord]:
-        raise NotImplementedError
+        """The next rows, in order."""
+        ...
 
     async def settled(self) -> bool:
-        raise NotImplementedError
+        """True once the followed run is paused or finished and all its rows are out."""
+        ...
 
 
 async def _start_seq(store: Store, run_id: str, min_at: float | None) -> int:
