@@ -85,7 +85,15 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     seqs = [r[0] for r in rows]
     assert seqs == list(range(1, len(rows) + 1)), f"run {run_id}: seq has gaps: {seqs}"
     assert row["seq"] == len(rows), f"run {run_id}: row seq {row['seq']} != {len(rows)} rows"
-    done = collections.Counter(r[1] for r in rows if r[2] == "succeeded")
+    # Keyed by (index, path): the branches of a parallel group share their group's index.
+    done = collections.Counter(
+        query(
+            db,
+            "SELECT stage_index, stage_path FROM transitions "
+            "WHERE run_id = ? AND event = 'succeeded'",
+            (run_id,),
+        )
+    )
     twice = {i: n for i, n in done.items() if n > 1}
     assert not twice, f"run {run_id}: stages committed more than once: {twice}"
     last_retry = max((k for k, r in enumerate(rows) if r[2] == "retried"), default=-1)
