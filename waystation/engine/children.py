@@ -94,7 +94,7 @@ class ChildRunner:
         await self.count_stage(parent, launching=True)
         text, typed = p.validate_input(input)
         i = ctx.stage_index
-        key = f"child:{state.run_id}/{i}/{state.generations.get(i, 0)}.{ctx.attempt}/{call}"
+        key = _child_key(parent, ctx, call)
         child_id = new_run_id()
         created, record = await engine.store.create_run(
             NewRun(
@@ -195,11 +195,8 @@ class ChildRunner:
 
     async def cancel_calls(self, parent: Driver, ctx: StageContext, calls: list[int]) -> None:
         """Cancel the children these calls launched that have not finished."""
-        state = parent.state
-        i = ctx.stage_index
         for call in calls:
-            key = f"child:{state.run_id}/{i}/{state.generations.get(i, 0)}.{ctx.attempt}/{call}"
-            record = await self.engine.store.get_run_by_key(key)
+            record = await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))
             if record is not None and record.status not in ("succeeded", "failed", "cancelled"):
                 with contextlib.suppress(Exception):
                     await self.engine.cancel(record.run_id)
@@ -213,7 +210,7 @@ class ChildRunner:
         from .runner import Driver, RunState
 
         engine = self.engine
-        prefix = f"child:{parent.run_id}/{stage_index}/"
+        prefix = _child_prefix(parent.run_id, stage_index)
         kids = [
             r
             for r in await engine.store.list_runs(parent_run_id=parent.run_id, limit=100_000)
@@ -289,6 +286,19 @@ class ChildRunner:
         cleaned, which spares every other run a filesystem call."""
         self.workspaces.discard(run_id)
         shutil.rmtree(self.engine.workspace_root / run_id, ignore_errors=True)
+
+
+def _child_prefix(parent_run_id: str, stage_index: int) -> str:
+    """What the keys of every child launched by one stage of a run start with."""
+    return f"child:{parent_run_id}/{stage_index}/"
+
+
+def _child_key(parent: Driver, ctx: StageContext, call: int) -> str:
+    """The idempotency key of a child: (parent run, stage, retry generation, attempt, call
+    order), so a stage that runs again finds the children it launched before."""
+    i = ctx.stage_index
+    generation = parent.state.generations.get(i, 0)
+    return f"{_child_prefix(parent.run_id, i)}{generation}.{ctx.attempt}/{call}"
 
 
 def _failure_chain(p: Pipeline, record: RunRecord, chain: str) -> str:

@@ -432,6 +432,28 @@ class Engine:
         the run is created `pending` and left to any worker engine (a web process that only
         enqueues work, say).
         """
+        return self._to_run(
+            await self._create(
+                pipeline,
+                input,
+                run_id=run_id,
+                idempotency_key=idempotency_key,
+                not_before=not_before,
+                drive=drive,
+            )
+        )
+
+    async def _create(
+        self,
+        pipeline: Pipeline | str,
+        input: Any,
+        *,
+        run_id: str | None,
+        idempotency_key: str | None,
+        not_before: datetime | float | None = None,
+        drive: bool = True,
+    ) -> RunRecord:
+        """`submit` without turning the row into a `Run` (which `start` would discard)."""
         self._check_open()
         p = self._resolve(pipeline)
         text, typed = p.validate_input(input)
@@ -476,14 +498,14 @@ class Engine:
                 raise RunAlreadyExists(
                     f"run {record.run_id} already exists for pipeline {record.pipeline!r}"
                 )
-            return self._to_run(record)
+            return record
         if not here:
             log.info("run %s queued (%s v%s) for %s", rid, p.name, p.version, wake_at or "now")
             self.timers.changed()
-            return self._to_run(record)
+            return record
         log.info("run %s started (%s v%s)", rid, p.name, p.version)
         self._launch(Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed)))
-        return self._to_run(record)
+        return record
 
     async def start(
         self,
@@ -495,8 +517,8 @@ class Engine:
         timeout: float | None = None,
     ) -> Run:
         """Create a run and return once it pauses, succeeds, fails or is cancelled."""
-        run = await self.submit(pipeline, input, run_id=run_id, idempotency_key=idempotency_key)
-        return await self.wait(run.run_id, timeout=timeout)
+        record = await self._create(pipeline, input, run_id=run_id, idempotency_key=idempotency_key)
+        return await self.wait(record.run_id, timeout=timeout)
 
     def _driver_args(self, pipeline: Pipeline) -> dict[str, Any]:
         return {

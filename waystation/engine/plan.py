@@ -540,15 +540,7 @@ class _Planner:
             passed = annotations.get(f.name, f.type) if b.convert is not None else produced
             if b.convert is None or passed != f.type:
                 self.check_fit(path, passed, f.type, what, desc)
-            out.append(
-                PlanParam(
-                    name=f.name,
-                    type=type_name(f.type),
-                    source="input" if b.from_stage is None else "stage",
-                    ref=_ref(ctx.pipeline, b),
-                    decoded=b.convert is not None,
-                )
-            )
+            out.append(_bound_param(ctx, f.name, f.type, b))
         return out
 
     def mapped_input(
@@ -693,15 +685,7 @@ class _Planner:
                 source: ParamSource = "missing" if p.required else "default"
                 out.append(PlanParam(name=p.name, type=type_name(p.annotation), source=source))
                 continue
-            out.append(
-                PlanParam(
-                    name=p.name,
-                    type=type_name(p.annotation),
-                    source="input" if b.from_stage is None else "stage",
-                    ref=_ref(ctx.pipeline, b),
-                    decoded=b.convert is not None,
-                )
-            )
+            out.append(_bound_param(ctx, p.name, p.annotation, b))
         return out
 
     def check_bindings(
@@ -779,6 +763,17 @@ class _Where:
 def _producer(p: Pipeline, b: Binding) -> Stage:
     assert b.from_stage is not None
     return p.stage_at(b.from_stage, _ref(p, b))
+
+
+def _bound_param(ctx: _Where, name: str, tp: Any, b: Binding) -> PlanParam:
+    """A parameter bound to the input or an earlier stage, as the plan shows it."""
+    return PlanParam(
+        name=name,
+        type=type_name(tp),
+        source="input" if b.from_stage is None else "stage",
+        ref=_ref(ctx.pipeline, b),
+        decoded=b.convert is not None,
+    )
 
 
 def _ref(p: Pipeline, b: Binding) -> str:

@@ -214,6 +214,11 @@ def error_info(exc: BaseException, stage: Stage | None, index: int | None) -> St
     )
 
 
+def error_json(exc: BaseException, stage: Stage | None, index: int | None) -> str:
+    """`error_info` as the JSON a journal row stores."""
+    return codec.encode(error_info(exc, stage, index)).decode()
+
+
 def describe_type(tp: Any) -> str:
     """A short readable name of a type annotation."""
     return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
@@ -381,8 +386,9 @@ class Driver:
                 return
             stage = stages[i]
             try:
-                when = self.pipeline.when_bindings[i]
-                if stage.when is not None and not await self._condition(stage, when):
+                if stage.when is not None and not await self._condition(
+                    stage, self.pipeline.when_bindings[i]
+                ):
                     await self._advance(i, None, None, "skipped")
                     i += 1
                     continue
@@ -399,20 +405,11 @@ class Driver:
                     await self._advance(i, None, None, "succeeded")
                     i += 1
                     continue
-                if stage.kind == "gate":
-                    answers = self.state.answers.get(i)
-                    if not answers:
-                        sig = PauseSignal(stage.name, stage.schema, stage.reason, 0)
-                        await self._pause(i, stage, sig, self._attempt_of(i), gate=True)
-                        return
-                    # Answered by a process without this pipeline: the answer waits in the
-                    # journal's `resumed` row, and becomes the gate's output here.
-                    value = codec.decode(answers[-1], stage.schema)
-                    await self._advance(i, value, answers[-1], "succeeded")
-                    i += 1
-                    continue
                 began = time.perf_counter()
-                value, payload = await self._execute(stage, self.pipeline.slots[i])
+                if stage.kind == "gate":
+                    value, payload = self._gate_answer(stage, i)
+                else:
+                    value, payload = await self._execute(stage, self.pipeline.slots[i])
             except asyncio.CancelledError as exc:
                 # Real cancellation (ours or the engine's) propagates; a CancelledError the
                 # stage raised by itself (awaiting a cancelled task, say) is its failure.
@@ -422,7 +419,7 @@ class Driver:
                 await self._fail(i, stage, exc)
                 return
             except PauseSignal as sig:
-                await self._pause(i, stage, sig, self._attempt_of(i), gate=False)
+                await self._pause(i, stage, sig, self._attempt_of(i))
                 return
             except SleepSignal as sig:
                 await self._park(self.pipeline.slots[i], sig.wake_at, sig.number)
@@ -447,6 +444,14 @@ class Driver:
             i += 1
 
     # -- one stage ---------------------------------------------------------------------------
+
+    def _gate_answer(self, gate: Stage, key: int | str) -> tuple[Any, str]:
+        """A gate's output: the answer waiting in the journal's `resumed` row (given by a
+        process without this pipeline), or else a pause."""
+        answers = self.state.answers.get(key)
+        if not answers:
+            raise PauseSignal(gate.name, gate.schema, gate.reason, 0)
+        return codec.decode(answers[-1], gate.schema), answers[-1]
 
     def _attempt_of(self, key: int | str) -> int:
         return self.state.attempts.get(key, 0) + 1
@@ -556,10 +561,7 @@ class Driver:
             if branch.when is not None and not await self._condition(branch, when):
                 value, payload, event = None, None, "skipped"
             elif branch.kind == "gate":
-                answers = self.state.answers.get(slot.key)
-                if not answers:
-                    raise PauseSignal(branch.name, branch.schema, branch.reason, 0)
-                value, payload = codec.decode(answers[-1], branch.schema), answers[-1]
+                value, payload = self._gate_answer(branch, slot.key)
             else:
                 value, payload = await self._execute(branch, slot)
         except SleepSignal:
@@ -568,9 +570,16 @@ class Driver:
                 "put a sleep stage before or after the group"
             )
             errors.append((branch.name, exc))
-            err = codec.encode(error_info(exc, branch, i)).decode()
             await self._commit(
-                [NewTransition("failed", i, slot.path, self._attempt_of(slot.key), error=err)]
+                [
+                    NewTransition(
+                        "failed",
+                        i,
+                        slot.path,
+                        self._attempt_of(slot.key),
+                        error=error_json(exc, branch, i),
+                    )
+                ]
             )
             return True
         except PauseSignal as sig:
@@ -578,15 +587,22 @@ class Driver:
                 pauses.extend(msgspec.structs.replace(p, stage_path=slot.path) for p in sig.pauses)
             else:
                 schema = codec.json_schema(sig.schema)
-                pauses.append(self._pause_of(slot, branch, sig, schema, branch.kind == "gate"))
+                pauses.append(self._pause_of(slot, branch, sig, schema))
             return False
         except _Lost:
             raise
         except Exception as exc:
             errors.append((branch.name, exc))
-            err = codec.encode(error_info(exc, branch, i)).decode()
             await self._commit(
-                [NewTransition("failed", i, slot.path, self._attempt_of(slot.key), error=err)]
+                [
+                    NewTransition(
+                        "failed",
+                        i,
+                        slot.path,
+                        self._attempt_of(slot.key),
+                        error=error_json(exc, branch, i),
+                    )
+                ]
             )
             return True
         await self._commit(
@@ -755,9 +771,7 @@ class Driver:
         self.state.payloads[i] = payload
         self.state.stage_index = i + 1
 
-    async def _pause(
-        self, i: int, stage: Stage, sig: PauseSignal, attempt: int, *, gate: bool
-    ) -> None:
+    async def _pause(self, i: int, stage: Stage, sig: PauseSignal, attempt: int) -> None:
         if sig.pauses is not None:  # children or branches paused: show their pauses as ours
             pauses = [
                 msgspec.structs.replace(
@@ -778,12 +792,14 @@ class Driver:
                 ),
             )
             return
-        pause = self._pause_of(self.pipeline.slots[i], stage, sig, schema, gate)
+        pause = self._pause_of(self.pipeline.slots[i], stage, sig, schema)
         await self._commit_pause(i, stage, [pause], attempt)
 
     def _pause_of(
-        self, slot: Slot, stage: Stage, sig: PauseSignal, schema: dict[str, Any], gate: bool
+        self, slot: Slot, stage: Stage, sig: PauseSignal, schema: dict[str, Any]
     ) -> Pause:
+        # A gate only pauses as itself; any other stage pauses through ctx.pause.
+        gate = stage.kind == "gate"
         expires_at = None
         if gate and stage.expiry is not None:
             expires_at = self.clock.time() + stage.expiry[0]
@@ -826,7 +842,7 @@ class Driver:
         )
 
     async def _fail(self, i: int, stage: Stage, exc: BaseException) -> None:
-        err = codec.encode(error_info(exc, stage, i)).decode()
+        err = error_json(exc, stage, i)
         if self.pipeline.on_failure == "compensate":
             # Durable first: after a crash from here on, recovery finishes the compensation.
             await self._commit(
@@ -880,7 +896,7 @@ class Driver:
                     type(exc).__name__,
                     exc,
                 )
-                info = codec.encode(error_info(exc, stage, j)).decode()
+                info = error_json(exc, stage, j)
                 await journal([NewTransition("compensation_failed", j, stage.name, error=info)])
             else:
                 await journal([NewTransition("compensated", j, stage.name)])
