@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +19,7 @@ import msgspec
 import pytest
 
 import waystation as ws
+from tests.killing import run_and_kill
 
 spans: dict[str, tuple[float, float]] = {}
 running = {"now": 0, "max": 0}
@@ -293,35 +292,19 @@ def _load(path: Path) -> ModuleType:
     return module
 
 
-def _start_and_kill(db: Path, side: Path, marker: Path, script: Path) -> str:
-    """Run the workload in a subprocess; SIGKILL it once a and b are committed and c and d
-    are in flight. Returns the run id."""
-    env = {**os.environ, "SIDE_FILE": str(side), "SLOW_MARKER": str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(db)], env=env, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        run_id = proc.stdout.readline().strip()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            lines = side.read_text().splitlines() if side.exists() else []
-            with sqlite3.connect(db) as conn:
-                done = conn.execute(
-                    "SELECT COUNT(*) FROM transitions WHERE run_id = ? AND event = 'succeeded'",
-                    (run_id,),
-                ).fetchone()[0]
-            if len(lines) >= 4 and done >= 2:
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("the workload never got its fast branches committed")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return run_id
+def _fast_branches_committed(db: Path, side: Path) -> Callable[[str], bool]:
+    """True once all four branches started and a and b are committed."""
+
+    def ready(run_id: str) -> bool:
+        lines = side.read_text().splitlines() if side.exists() else []
+        with sqlite3.connect(db) as conn:
+            done = conn.execute(
+                "SELECT COUNT(*) FROM transitions WHERE run_id = ? AND event = 'succeeded'",
+                (run_id,),
+            ).fetchone()[0]
+        return len(lines) >= 4 and done >= 2
+
+    return ready
 
 
 async def test_sigkill_mid_group_reruns_only_unfinished_branches(tmp_path: Path) -> None:
@@ -330,7 +313,14 @@ async def test_sigkill_mid_group_reruns_only_unfinished_branches(tmp_path: Path)
     script.write_text(textwrap.dedent(WORKLOAD))
     marker.write_text("1")
     os.environ.update(SIDE_FILE=str(side), SLOW_MARKER=str(marker))
-    run_id = _start_and_kill(db, side, marker, script)
+    run_id = run_and_kill(
+        script,
+        db,
+        side,
+        marker,
+        _fast_branches_committed(db, side),
+        "the workload never got its fast branches committed",
+    )
     marker.unlink()
     module = _load(script)
     async with ws.Engine.open(db, pipelines=[module.pipe]) as engine:

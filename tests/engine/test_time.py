@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import textwrap
-import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -21,6 +17,7 @@ import msgspec
 import pytest
 
 import waystation as ws
+from tests.killing import run_and_kill
 
 DAY = 86_400.0
 calls: Counter[str] = Counter()
@@ -273,36 +270,20 @@ if __name__ == "__main__":
 """
 
 
-def _kill_mid_compensation(db: Path, side: Path, marker: Path, script: Path) -> str:
-    env = {**os.environ, "SIDE_FILE": str(side), "SLOW_MARKER": str(marker)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(db)], env=env, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        run_id = proc.stdout.readline().strip()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if side.exists() and "undo b" in side.read_text():
-                break
-            time.sleep(0.02)
-        else:
-            pytest.fail("compensation never reached b")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return run_id
-
-
 async def test_a_crash_during_compensation_continues_with_the_rest(tmp_path: Path) -> None:
     db, side, marker = tmp_path / "runs.db", tmp_path / "side.txt", tmp_path / "slow"
     script = tmp_path / "crash_saga.py"
     script.write_text(textwrap.dedent(SAGA_SCRIPT))
     marker.write_text("1")
     os.environ.update(SIDE_FILE=str(side), SLOW_MARKER=str(marker))
-    run_id = _kill_mid_compensation(db, side, marker, script)
+    run_id = run_and_kill(
+        script,
+        db,
+        side,
+        marker,
+        lambda _: side.exists() and "undo b" in side.read_text(),
+        "compensation never reached b",
+    )
     marker.unlink()
     import importlib.util
 
