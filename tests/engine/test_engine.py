@@ -1003,3 +1003,38 @@ async def test_many_concurrent_runs(db: Path) -> None:
     assert {i for _, i, _ in counts} == {0, 1, 2, 3, 4}
     assert bad == 0
     assert statuses == [("succeeded", n_runs)]
+
+
+async def test_wait_returns_the_row_as_committed(db: Path) -> None:
+    """`start` and `wait` hand back the settled run without reading it again; what they
+    return must be exactly what `get` reads from the file afterwards, on every way a run
+    settles (finished fresh, failed, paused, finished after a resume)."""
+
+    @ws.stage
+    async def price(order: Order) -> Quote:
+        return Quote(item=order.item, total=2.5 * order.qty)
+
+    @ws.stage
+    async def check(price: Quote) -> float:
+        if price.total > 100:
+            raise ValueError("too expensive")
+        return price.total
+
+    approve = ws.gate("approve", schema=Decision)
+    plain = ws.Pipeline("priced", [price, check])
+    gated = ws.Pipeline("gated", [price, approve, check])
+    async with ws.Engine.open(db, pipelines=[plain, gated]) as engine:
+        with anyio.fail_after(SAFETY):
+            done = await engine.start(plain, {"order": Order("tea", 2)})
+            assert done.status == "succeeded" and done.output == 5.0
+            assert done == await engine.get(done.run_id)
+            failed = await engine.start(plain, {"order": Order("tea", 99)})
+            assert failed.status == "failed" and failed.error is not None
+            assert failed == await engine.get(failed.run_id)
+            paused = await engine.start(gated, {"order": Order("tea", 1)})
+            assert paused.status == "paused"
+            assert paused == await engine.get(paused.run_id)
+            resumed = await engine.resume(paused.run_id, Decision(approved=True, by="ann"))
+            waited = await engine.wait(resumed.run_id)
+            assert waited.status == "succeeded" and waited.output == 2.5
+            assert waited == await engine.get(waited.run_id)

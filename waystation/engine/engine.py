@@ -488,7 +488,7 @@ class Engine:
                 lease_expires=time.time() + self.lease_ttl if here else None,
                 wake_at=wake_at,
                 transitions=[
-                    NewTransition("created", payload=codec.encode({"shape": p.shape()}).decode()),
+                    NewTransition("created", payload=p.created_payload),
                     NewTransition("started", 0, p.stages[0].name, 1) if here else later,
                 ],
             )
@@ -504,7 +504,10 @@ class Engine:
             self.timers.changed()
             return record
         log.info("run %s started (%s v%s)", rid, p.name, p.version)
-        self._launch(Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed)))
+        driver = Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed))
+        driver.seq = record.seq
+        driver.base = record
+        self._launch(driver)
         return record
 
     async def start(
@@ -585,6 +588,9 @@ class Engine:
             driver = self._active.get(run_id)
             if driver is not None:
                 await driver.done.wait()
+                if driver.final is not None and run_id not in self._active:
+                    # The row as the settling commit left it: no need to read it back.
+                    return self._to_run(driver.final)
             record = await self._record(run_id)
             if record.status in SETTLED:
                 return self._to_run(record)

@@ -19,6 +19,7 @@ import msgspec
 
 from ..errors import InvalidInput, PipelineDefinitionError
 from ..store import codec
+from ..store.base import NewTransition
 from .stage import EMPTY, Param, Retry, Stage
 
 if TYPE_CHECKING:
@@ -163,6 +164,24 @@ class Pipeline:
         )
         self._check_cycles([])
         self.fingerprint = self._fingerprint()
+        self.created_payload = codec.encode({"shape": self.shape()}).decode()
+        self.plain: tuple[bool, ...] = tuple(
+            s.kind == "stage"
+            and s.is_async
+            and s.timeout is None
+            and s.retry.attempts == 1
+            and s.context_param is None
+            and s.when is None
+            for s in self.stages
+        )
+        """Per stage: an async function with no retry, timeout, context or condition, which
+        the stepper calls directly (the common case, kept short)."""
+        self.started: tuple[NewTransition, ...] = tuple(
+            NewTransition("started", i, s.name, 1) for i, s in enumerate(self.stages)
+        )
+        """Per stage: the journal row of its first attempt starting."""
+        """The payload of each new run's `created` row (built once: a pipeline does not
+        change after it is built)."""
 
     # -- building ----------------------------------------------------------------------------
 

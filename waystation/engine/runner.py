@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -303,6 +304,14 @@ class Driver:
         """When set, the run is recovered: take its lease (guarded on this row) first."""
         self.outcome: str | None = None
         """The status the run settled in here (succeeded, failed, paused, cancelled)."""
+        self.seq: int | None = None
+        """The run's journal position, once this driver knows it: it is the run's only
+        writer while it drives, so each stage's commit can name the position it expects."""
+        self.base: RunRecord | None = None
+        """The run's row as this engine created it (fresh runs only): with the commit time
+        of the last stage it is the final row, so finishing needs no read back."""
+        self.final: RunRecord | None = None
+        """The run's row as committed when it settled here (what `engine.wait` returns)."""
         self._waits = 0
         self.guard = Guard(("running",), owner=owner, not_cancel_requested=True)
         self.scope = anyio.CancelScope()
@@ -375,6 +384,10 @@ class Driver:
 
     async def _steps(self) -> None:
         stages = self.pipeline.stages
+        state = self.state
+        slots = self.pipeline.slots
+        tree_stages = self.children.tree_stages
+        plain = self.pipeline.plain if self.tracing is None else (False,) * len(stages)
         i = self.state.stage_index
         if self.state.compensating is not None and i < len(stages):
             # The process died while compensating a failure: finish that, nothing else.
@@ -386,6 +399,18 @@ class Driver:
                 return
             stage = stages[i]
             try:
+                if plain[i]:
+                    began = time.perf_counter()
+                    if state.depth or state.root_run_id in tree_stages:
+                        await self.children.count_stage(self)
+                    fn: Callable[..., Awaitable[Any]] = stage.fn  # type: ignore[assignment]
+                    out = await fn(**self._kwargs(slots[i].bindings))
+                    value, payload = check_output(stage, out)
+                    await self._advance(i, value, payload, "succeeded")
+                    if log.isEnabledFor(logging.INFO):
+                        self._log_done(stage, began)
+                    i += 1
+                    continue
                 if stage.when is not None and not await self._condition(
                     stage, self.pipeline.when_bindings[i]
                 ):
@@ -435,13 +460,12 @@ class Driver:
                 continue
             await self._advance(i, value, payload, "succeeded")
             if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "run %s stage %s done in %.1f ms",
-                    self.run_id,
-                    stage.name,
-                    (time.perf_counter() - began) * 1000,
-                )
+                self._log_done(stage, began)
             i += 1
+
+    def _log_done(self, stage: Stage, began: float) -> None:
+        ms = (time.perf_counter() - began) * 1000
+        log.info("run %s stage %s done in %.1f ms", self.run_id, stage.name, ms)
 
     # -- one stage ---------------------------------------------------------------------------
 
@@ -733,11 +757,25 @@ class Driver:
     # -- commits -----------------------------------------------------------------------------
 
     async def _commit(
-        self, transitions: list[NewTransition], values: dict[str, Any] | None = None
+        self,
+        transitions: list[NewTransition],
+        values: dict[str, Any] | None = None,
+        *,
+        settle: bool = False,
     ) -> None:
-        seq = await self.store.update_run(self.run_id, self.guard, transitions, values)
-        if seq is None:
-            raise _Lost()
+        if settle:
+            record = await self.store.settle_run(self.run_id, self.guard, transitions, values)
+            if record is None:
+                raise _Lost()
+            self.final = record
+            seq = record.seq
+        else:
+            found = await self.store.update_run(self.run_id, self.guard, transitions, values)
+            if found is None:
+                raise _Lost()
+            seq = found
+        # Branches of a parallel group commit concurrently: the furthest is the position.
+        self.seq = seq if self.seq is None else max(self.seq, seq)
 
     async def _advance(
         self, i: int, value: Any, payload: str | None, event: str | NewTransition
@@ -748,16 +786,40 @@ class Driver:
         else:
             done = NewTransition(event, i, stages[i].name, self._attempt_of(i), payload=payload)
         if i + 1 < len(stages):
-            await self._commit(
-                [done, NewTransition("started", i + 1, stages[i + 1].name, 1)],
-                {"stage_index": i + 1},
-            )
+            rows = [done, self.pipeline.started[i + 1]]
+            seq = None
+            if self.seq is not None:
+                seq = await self.store.step_run(self.run_id, self.owner, self.seq, i + 1, rows)
+            if seq is None:  # position unknown (or not as expected): the plain guard decides
+                await self._commit(rows, {"stage_index": i + 1})
+            else:
+                self.seq = seq
         else:
             output = payload
             if stages[i].kind == "parallel":
                 output = codec.encode(value).decode()
+            rows = [done, NewTransition("completed", len(stages))]
+            if self.seq is not None and self.base is not None:
+                at = await self.store.finish_run(
+                    self.run_id, self.owner, self.seq, len(stages), rows, output
+                )
+                if at is not None:
+                    self.seq += len(rows)
+                    self.final = dataclasses.replace(
+                        self.base,
+                        status="succeeded",
+                        stage_index=len(stages),
+                        seq=self.seq,
+                        output=output,
+                        lease_owner=None,
+                        lease_expires=None,
+                        updated_at=at,
+                    )
+                    self.outcome = "succeeded"
+                    self._advanced(i, value, payload)
+                    return
             await self._commit(
-                [done, NewTransition("completed", len(stages))],
+                rows,
                 {
                     "stage_index": len(stages),
                     "status": "succeeded",
@@ -765,8 +827,12 @@ class Driver:
                     "lease_owner": None,
                     "lease_expires": None,
                 },
+                settle=True,
             )
             self.outcome = "succeeded"
+        self._advanced(i, value, payload)
+
+    def _advanced(self, i: int, value: Any, payload: str | None) -> None:
         self.state.values[i] = value
         self.state.payloads[i] = payload
         self.state.stage_index = i + 1
@@ -830,6 +896,7 @@ class Driver:
                 "lease_expires": None,
                 "wake_at": expiry_of(pauses, self.run_id),
             },
+            settle=True,
         )
         self.outcome = "paused"
         if any(p.expires_at is not None for p in pauses):
@@ -856,6 +923,7 @@ class Driver:
         await self._commit(
             [NewTransition("failed", i, stage.name, self._attempt_of(i), error=err)],
             {"status": "failed", "error": err, "lease_owner": None, "lease_expires": None},
+            settle=True,
         )
         self.outcome = "failed"
         error = msgspec.json.decode(err, type=StageError)
@@ -941,13 +1009,14 @@ class Driver:
         log.info("run %s sleeps at %s until %s", self.run_id, slot.path, wake_at)
 
     async def _cancelled(self, i: int, stage: Stage | None) -> None:
-        seq = await self.store.update_run(
+        record = await self.store.settle_run(
             self.run_id,
             Guard(("running", "pending"), owner=self.owner),
             [NewTransition("cancelled", i, stage.name if stage else None)],
             {"status": "cancelled", "lease_owner": None, "lease_expires": None},
         )
-        if seq is not None:
+        if record is not None:
+            self.final = record
             self.outcome = "cancelled"
             log.info("run %s cancelled", self.run_id)
 
@@ -1011,5 +1080,6 @@ class Driver:
         if seq is None:
             return False
         self.state = state
+        self.seq = seq
         log.info("run %s recovered at stage %s", self.run_id, name)
         return True

@@ -150,6 +150,42 @@ class Store(Protocol):
     ) -> int | None:
         """Append `transitions` and set `values` if `guard` holds; the new seq, else None."""
 
+    async def step_run(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+    ) -> int | None:
+        """The hot path: a running run moves to stage `stage_index`. Applies (appending
+        `transitions`, returning the new seq) only if the run is running, leased by `owner`,
+        not asked to cancel, and its journal is at `seq`; else None. The new seq is known
+        in advance, so a store can apply many runs' steps in one statement."""
+
+    async def finish_run(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+        output: str | None,
+    ) -> float | None:
+        """A running run's last stage is done: it succeeds with `output` and its lease is
+        let go. Guarded as `step_run`; returns the commit time (the row's `updated_at`), or
+        None if the guard failed."""
+
+    async def settle_run(
+        self,
+        run_id: str,
+        guard: Guard,
+        transitions: Sequence[NewTransition],
+        values: dict[str, Any] | None = None,
+    ) -> RunRecord | None:
+        """`update_run` that returns the whole row as committed (or None), for the commit
+        that settles a run: whoever waits for the run gets it without reading it back."""
+
     async def renew_leases(self, owner: str, expires: float) -> int:
         """Extend every lease `owner` holds on an active run; returns how many."""
 

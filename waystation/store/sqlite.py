@@ -25,6 +25,7 @@ import aiosqlite
 
 from .. import migrations
 from ..errors import NotAWaystationDatabase, StoreError
+from . import batch as batched
 from .base import (
     RUN_COLUMNS,
     Guard,
@@ -36,16 +37,6 @@ from .base import (
 
 Durability = Literal["full", "normal"]
 
-_RUN_FIELDS = (
-    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
-    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
-    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
-)
-_TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
-_INSERT_TRANSITION = (
-    "INSERT INTO transitions (run_id, seq, stage_index, stage_path, event, attempt, payload, "
-    "error, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 _MAX_BATCH = 2000
 
 log = logging.getLogger("waystation")
@@ -145,9 +136,16 @@ class _Writer:
             self._deliver([(f, False, error) for _, f in batch], len(batch))
             return
         try:
-            results = [op(conn, rows) for op, _ in batch]
-            if rows:
-                conn.executemany(_INSERT_TRANSITION, rows)
+            try:
+                results = self._apply(conn, batch, rows, grouped=True)
+            except batched.GuardMissed:
+                # Some guarded update lost its race: redo the batch in the same transaction
+                # one write at a time, so each caller learns its own outcome.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                rows = []
+                results = self._apply(conn, batch, rows, grouped=False)
+            batched.insert_rows(conn, rows)
             conn.execute("COMMIT")
             outcomes = [(f, True, r) for (_, f), r in zip(batch, results, strict=True)]
         except BaseException:
@@ -159,8 +157,7 @@ class _Writer:
                     rows = []
                     conn.execute("BEGIN IMMEDIATE")
                     result = op(conn, rows)
-                    if rows:
-                        conn.executemany(_INSERT_TRANSITION, rows)
+                    batched.insert_rows(conn, rows)
                     conn.execute("COMMIT")
                     outcomes.append((future, True, result))
                 except BaseException as exc:
@@ -168,6 +165,32 @@ class _Writer:
                         conn.execute("ROLLBACK")
                     outcomes.append((future, False, _store_error(exc)))
         self._deliver(outcomes, len(batch))
+
+    @staticmethod
+    def _apply(
+        conn: sqlite3.Connection,
+        batch: list[tuple[WriteOp, asyncio.Future[Any]]],
+        rows: list[tuple[Any, ...]],
+        *,
+        grouped: bool,
+    ) -> list[Any]:
+        """Run a batch's writes: each kind in `batch.BATCHED` together (see that module),
+        after the others; with `grouped=False`, every write on its own."""
+        results: list[Any] = [None] * len(batch)
+        kinds: dict[Any, list[int]] = {}
+        for k, (op, _) in enumerate(batch):
+            kind = type(op)
+            if grouped and kind in batched.BATCHED:
+                kinds.setdefault(kind, []).append(k)
+            else:
+                results[k] = op(conn, rows)
+        if kinds:
+            now = time.time()
+            for kind, members in kinds.items():
+                ops = [batch[k][0] for k in members]
+                for k, result in zip(members, kind.apply_many(conn, ops, now, rows), strict=True):
+                    results[k] = result
+        return results
 
     def _moved(self) -> str | None:
         if self._identity is None:
@@ -309,56 +332,7 @@ class SQLiteStore:
     # -- writes ------------------------------------------------------------------------------
 
     async def create_run(self, run: NewRun) -> tuple[bool, RunRecord]:
-        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> tuple[bool, Any]:
-            now = time.time()
-            values = (
-                run.run_id,
-                run.pipeline,
-                run.pipeline_version,
-                run.fingerprint,
-                run.status,
-                run.stage_index,
-                len(run.transitions),
-                run.input,
-                None,  # output
-                None,  # error
-                None,  # pause
-                run.parent_run_id,
-                run.root_run_id,
-                run.run_kind,
-                run.depth,
-                run.idempotency_key,
-                run.lease_owner,
-                run.lease_expires,
-                0,  # cancel_requested
-                run.replay_of,
-                now,
-                now,
-                run.wake_at,
-            )
-            # One statement for the common case (a new id): the row we return is the one we
-            # wrote. An existing id or idempotency key inserts nothing; then read what exists.
-            cur = conn.execute(
-                f"INSERT INTO runs ({_RUN_FIELDS}) VALUES ({', '.join('?' * len(values))}) "
-                "ON CONFLICT DO NOTHING",
-                values,
-            )
-            if cur.rowcount == 1:
-                _append(rows, run.run_id, 0, run.transitions, now)
-                return True, values
-            if run.idempotency_key is not None:
-                row = conn.execute(
-                    f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?",
-                    (run.idempotency_key,),
-                ).fetchone()
-                if row is not None:
-                    return False, row
-            row = conn.execute(
-                f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
-            ).fetchone()
-            return False, row
-
-        created, row = await self._write(op)
+        created, row = await self._write(batched.Create(run))
         return created, _run(row)
 
     async def update_run(
@@ -368,6 +342,81 @@ class SQLiteStore:
         transitions: Sequence[NewTransition],
         values: dict[str, Any] | None = None,
     ) -> int | None:
+        sql, params = self._update(run_id, guard, len(transitions), values, full=False)
+
+        def write(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int | None:
+            now = time.time()
+            row = conn.execute(sql, (now, *params)).fetchone()
+            if row is None:
+                return None
+            new_seq: int = row[0]
+            batched.append(rows, run_id, new_seq - len(transitions), transitions, now)
+            return new_seq
+
+        result: int | None = await self._write(write)
+        return result
+
+    async def step_run(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+    ) -> int | None:
+        if self._writer is None:
+            raise StoreError("store is closed")
+        result: int | None = await self._writer.submit(
+            batched.Step(run_id, owner, seq, stage_index, transitions)
+        )
+        return result
+
+    async def finish_run(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+        output: str | None,
+    ) -> float | None:
+        if self._writer is None:
+            raise StoreError("store is closed")
+        result: tuple[int, float] | None = await self._writer.submit(
+            batched.Finish(run_id, owner, seq, stage_index, transitions, output)
+        )
+        return None if result is None else result[1]
+
+    async def settle_run(
+        self,
+        run_id: str,
+        guard: Guard,
+        transitions: Sequence[NewTransition],
+        values: dict[str, Any] | None = None,
+    ) -> RunRecord | None:
+        sql, params = self._update(run_id, guard, len(transitions), values, full=True)
+
+        def write(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
+            now = time.time()
+            row = conn.execute(sql, (now, *params)).fetchone()
+            if row is not None:
+                batched.append(rows, run_id, row[6] - len(transitions), transitions, now)
+            return row
+
+        row = await self._write(write)
+        return None if row is None else _run(row)
+
+    def _update(
+        self,
+        run_id: str,
+        guard: Guard,
+        n: int,
+        values: dict[str, Any] | None,
+        *,
+        full: bool,
+    ) -> tuple[str, tuple[Any, ...]]:
+        """The guarded UPDATE for `update_run` and `settle_run`, and its parameters but
+        the first (`updated_at`, which the writer fills in at commit time)."""
         values = values or {}
         if not RUN_COLUMNS.issuperset(values):
             raise ValueError(f"cannot set run columns {sorted(set(values) - RUN_COLUMNS)}")
@@ -378,6 +427,7 @@ class SQLiteStore:
             guard.owner is not None,
             guard.seq is not None,
             guard.not_cancel_requested,
+            full,
         )
         sql = self._update_sql.get(key)
         if sql is None:
@@ -389,27 +439,20 @@ class SQLiteStore:
                 where += " AND seq = ?"
             if guard.not_cancel_requested:
                 where += " AND cancel_requested = 0"
-            sql = f"UPDATE runs SET seq = seq + ?, updated_at = ?{sets} WHERE {where} RETURNING seq"
+            returning = batched.RUN_FIELDS if full else "seq"
+            sql = (
+                f"UPDATE runs SET updated_at = ?, seq = seq + ?{sets} WHERE {where} "
+                f"RETURNING {returning}"
+            )
             self._update_sql[key] = sql
-        n = len(transitions)
-        tail: list[Any] = [run_id, *guard.statuses]
+        params: list[Any] = [n]
+        params += [values[c] for c in columns]
+        params += [run_id, *guard.statuses]
         if guard.owner is not None:
-            tail.append(guard.owner)
+            params.append(guard.owner)
         if guard.seq is not None:
-            tail.append(guard.seq)
-        column_values = [values[c] for c in columns]
-
-        def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int | None:
-            now = time.time()
-            row = conn.execute(sql, (n, now, *column_values, *tail)).fetchone()
-            if row is None:
-                return None
-            new_seq: int = row[0]
-            _append(rows, run_id, new_seq - n, transitions, now)
-            return new_seq
-
-        result: int | None = await self._write(op)
-        return result
+            params.append(guard.seq)
+        return sql, tuple(params)
 
     async def renew_leases(self, owner: str, expires: float) -> int:
         def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
@@ -463,12 +506,14 @@ class SQLiteStore:
     # -- reads -------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> RunRecord | None:
-        row = await self._read_one(f"SELECT {_RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,))
+        row = await self._read_one(
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE run_id = ?", (run_id,)
+        )
         return None if row is None else _run(row)
 
     async def get_run_by_key(self, idempotency_key: str) -> RunRecord | None:
         row = await self._read_one(
-            f"SELECT {_RUN_FIELDS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE idempotency_key = ?", (idempotency_key,)
         )
         return None if row is None else _run(row)
 
@@ -497,13 +542,13 @@ class SQLiteStore:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         params.append(int(limit))
         rows = await self._read(
-            f"SELECT {_RUN_FIELDS} FROM runs {clause} ORDER BY run_id LIMIT ?", params
+            f"SELECT {batched.RUN_FIELDS} FROM runs {clause} ORDER BY run_id LIMIT ?", params
         )
         return [_run(r) for r in rows]
 
     async def tree(self, root_run_id: str) -> list[RunRecord]:
         rows = await self._read(
-            f"SELECT {_RUN_FIELDS} FROM runs WHERE root_run_id = ? ORDER BY depth, run_id",
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE root_run_id = ? ORDER BY depth, run_id",
             (root_run_id,),
         )
         return [_run(r) for r in rows]
@@ -527,7 +572,7 @@ class SQLiteStore:
             params.append(root_run_id)
         params.append(limit)
         rows = await self._read(
-            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE {where} "
+            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE {where} "
             "ORDER BY at, run_id, seq LIMIT ?",
             params,
         )
@@ -535,7 +580,7 @@ class SQLiteStore:
 
     async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
         rows = await self._read(
-            f"SELECT {_RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
             "AND status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
             (now, limit),
         )
@@ -558,7 +603,7 @@ class SQLiteStore:
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         rows = await self._read(
-            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
+            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
             "ORDER BY seq",
             (run_id, after_seq),
         )
@@ -566,7 +611,7 @@ class SQLiteStore:
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         rows = await self._read(
-            f"SELECT {_TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
+            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
             "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
             "'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
             "'compensation_failed') "
@@ -579,7 +624,7 @@ class SQLiteStore:
         self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None
     ) -> list[RunRecord]:
         rows = await self._read(
-            f"SELECT {_RUN_FIELDS} FROM runs WHERE status IN ('pending', 'running') "
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE status IN ('pending', 'running') "
             "AND run_id > ? AND (lease_owner IS NULL OR lease_owner != ?) "
             "ORDER BY run_id LIMIT ?",
             (after or "", exclude_owner or "", limit),
@@ -609,16 +654,3 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
     conn.execute("DELETE FROM budgets WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     return cur.rowcount
-
-
-def _append(
-    rows: list[tuple[Any, ...]],
-    run_id: str,
-    first_seq: int,
-    transitions: Sequence[NewTransition],
-    now: float,
-) -> None:
-    seq = first_seq
-    for event, stage_index, stage_path, attempt, payload, error in transitions:
-        seq += 1
-        rows.append((run_id, seq, stage_index, stage_path, event, attempt, payload, error, now))

@@ -1,0 +1,175 @@
+"""Writes a batch applies together (create, step, finish): each caller still gets its own
+outcome when some of the batch's rows do not apply, and nothing of the others is lost."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from waystation.store.base import Guard, NewRun, NewTransition
+from waystation.store.sqlite import SQLiteStore
+
+T = TypeVar("T")
+
+
+def _run(run_id: str, **kw: Any) -> NewRun:
+    return NewRun(
+        run_id=run_id,
+        pipeline="p",
+        pipeline_version="1",
+        fingerprint="f",
+        status="running",
+        input="{}",
+        root_run_id=run_id,
+        lease_owner="me",
+        transitions=[NewTransition("created"), NewTransition("started", 0, "a", 1)],
+        **kw,
+    )
+
+
+async def _in_one_batch(store: SQLiteStore, calls: list[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Run the calls so that all their writes meet in one batch: hold the writer thread
+    with a write that blocks until every call has queued its own."""
+    gate = threading.Event()
+    held = asyncio.ensure_future(store._write(lambda conn, rows: gate.wait(10)))
+    await asyncio.sleep(0.05)  # the writer has taken the blocking write
+    before = store.stats["batches"]
+    tasks = [asyncio.ensure_future(c()) for c in calls]
+    await asyncio.sleep(0)  # each call has queued its write
+    gate.set()
+    await held
+    results = await asyncio.gather(*tasks)
+    assert store.stats["batches"] - before <= 2  # the holding batch and then theirs
+    return results
+
+
+def _rows(db: Path, sql: str, *params: Any) -> list[Any]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.mark.parametrize("clash", ["same id", "same idempotency key"])
+async def test_creates_in_one_batch_report_existing_runs(db: Path, clash: str) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        await store.create_run(_run("old", idempotency_key="k-old"))
+        calls: list[Callable[[], Awaitable[Any]]] = [
+            (lambda i=i: store.create_run(_run(f"r{i:03}"))) for i in range(300)
+        ]
+        again = _run("old") if clash == "same id" else _run("new-id", idempotency_key="k-old")
+        calls.insert(100, lambda: store.create_run(again))
+        results = await _in_one_batch(store, calls)
+        flags = [created for created, _ in results]
+        assert flags.count(False) == 1 and not flags[100]
+        assert results[100][1].run_id == "old"
+        assert all(record.seq == 2 for created, record in results if created)
+        assert _rows(db, "SELECT COUNT(*) FROM runs")[0][0] == 301
+        assert _rows(db, "SELECT COUNT(*) FROM transitions")[0][0] == 2 * 301
+        assert _rows(db, "SELECT COUNT(*) FROM transitions WHERE run_id = 'new-id'")[0][0] == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("miss", ["lease taken", "cancel asked", "stale seq"])
+async def test_steps_in_one_batch_fence_each_run_alone(db: Path, miss: str) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        ids = [f"r{i:03}" for i in range(100)]
+        for rid in ids:
+            await store.create_run(_run(rid))
+        if miss == "lease taken":  # by another engine
+            await store.update_run("r042", Guard(("running",)), [], {"lease_owner": "other"})
+        elif miss == "cancel asked":
+            await store.update_run("r042", Guard(("running",)), [], {"cancel_requested": 1})
+        rows = [
+            NewTransition("succeeded", 0, "a", 1, payload="1"),
+            NewTransition("started", 1, "b", 1),
+        ]
+
+        def step(rid: str) -> Callable[[], Awaitable[int | None]]:
+            seq = 1 if rid == "r042" and miss == "stale seq" else 2
+            return lambda: store.step_run(rid, "me", seq, 1, rows)
+
+        results = await _in_one_batch(store, [step(rid) for rid in ids])
+        missed = {rid for rid, r in zip(ids, results, strict=True) if r is None}
+        assert missed == {"r042"}
+        assert all(r == 4 for rid, r in zip(ids, results, strict=True) if rid not in missed)
+        moved = _rows(db, "SELECT run_id FROM runs WHERE stage_index = 1 AND seq = 4")
+        assert {r[0] for r in moved} == set(ids) - missed
+        for rid in ids:
+            events = [t.event for t in await store.history(rid)]
+            expected = ["created", "started"] + ([] if rid in missed else ["succeeded", "started"])
+            assert events == expected, rid
+    finally:
+        await store.close()
+
+
+async def test_finishes_in_one_batch_return_their_commit_time(db: Path) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        ids = [f"r{i:02}" for i in range(50)]
+        for rid in ids:
+            await store.create_run(_run(rid))
+        await store.update_run("r13", Guard(("running",)), [], {"cancel_requested": 1})
+        rows = [NewTransition("succeeded", 0, "a", 1, payload='"x"'), NewTransition("completed", 1)]
+        calls = [
+            (lambda rid=rid: store.finish_run(rid, "me", 2, 1, rows, f'"{rid}"')) for rid in ids
+        ]
+        results = await _in_one_batch(store, calls)
+        assert results[13] is None
+        for rid, at in zip(ids, results, strict=True):
+            record = await store.get_run(rid)
+            assert record is not None
+            if rid == "r13":
+                assert (record.status, record.seq, record.lease_owner) == ("running", 2, "me")
+                continue
+            assert at is not None and record.updated_at == at
+            assert (record.status, record.stage_index, record.seq) == ("succeeded", 1, 4)
+            assert (record.output, record.lease_owner, record.lease_expires) == (
+                f'"{rid}"',
+                None,
+                None,
+            )
+            assert [t.event for t in await store.history(rid)][-1] == "completed"
+    finally:
+        await store.close()
+
+
+async def test_a_failing_write_does_not_sink_the_batched_ones(db: Path) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        for rid in ("a", "b"):
+            await store.create_run(_run(rid))
+        rows = [NewTransition("succeeded", 0, "a", 1), NewTransition("started", 1, "b", 1)]
+
+        def boom(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+            conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+        async def failing() -> str:
+            try:
+                await store._write(boom)
+            except Exception as exc:
+                return type(exc).__name__
+            return "no error"
+
+        results = await _in_one_batch(
+            store,
+            [
+                lambda: store.step_run("a", "me", 2, 1, rows),
+                failing,
+                lambda: store.step_run("b", "me", 2, 1, rows),
+            ],
+        )
+        assert results == [4, "StoreError", 4]
+    finally:
+        await store.close()

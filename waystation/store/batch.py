@@ -1,0 +1,283 @@
+"""Writes that a batch applies together: the three every run makes (create, step, finish).
+
+The writer thread runs a batch of queued writes in one transaction. Most writes are
+statements of their own, but the three a run makes on its ordinary path have outcomes known
+before they run (a new row; the next seq), so the batch applies each kind with a few
+multi-row statements instead of one statement per run. That matters more than the SQL
+saved: every statement gives the GIL away while SQLite works and must win it back from a
+busy event loop, which costs far more than the statement itself (measured: median 7 us of
+wall for 3 us of CPU per single-row statement, and up to a switch interval, 5 ms, when the
+loop is busy). If any of a kind's rows does not apply (a lost lease, a cancel, an existing
+id), `GuardMissed` makes the writer redo the batch one write at a time, each a plain write
+(`__call__`) that reports its own outcome.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from .base import NewRun, NewTransition
+
+RUN_FIELDS = (
+    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
+    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
+    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
+)
+TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
+
+Rows = list[tuple[Any, ...]]
+
+# Statements are built for a few fixed sizes (each prepared once and cached by sqlite3): a
+# batch of n rows takes about n / 256 statements. 256 rows x 23 columns stays far below
+# SQLite's limit of 32,766 parameters.
+CHUNKS = (256, 64, 16, 4, 1)
+
+
+def chunks(n: int) -> list[tuple[int, int]]:
+    """(start, size) pieces covering n items, largest sizes first."""
+    out = []
+    start = 0
+    for size in CHUNKS:
+        while n - start >= size:
+            out.append((start, size))
+            start += size
+    return out
+
+
+def _values(width: int, n: int) -> str:
+    row = f"({', '.join('?' * width)})"
+    return ", ".join([row] * n)
+
+
+def _sized(template: str, width: int) -> dict[int, str]:
+    return {n: template.format(values=_values(width, n)) for n in CHUNKS}
+
+
+_INSERT_ROWS = _sized(f"INSERT INTO transitions ({TRANSITION_FIELDS}) VALUES {{values}}", 9)
+
+
+def append(
+    rows: Rows, run_id: str, first_seq: int, transitions: Sequence[NewTransition], now: float
+) -> None:
+    """Add `transitions` as journal rows numbered from `first_seq + 1`."""
+    seq = first_seq
+    for event, stage_index, stage_path, attempt, payload, error in transitions:
+        seq += 1
+        rows.append((run_id, seq, stage_index, stage_path, event, attempt, payload, error, now))
+
+
+def insert_rows(conn: sqlite3.Connection, rows: Rows) -> None:
+    """Insert journal rows, a chunk per statement."""
+    for start, size in chunks(len(rows)):
+        conn.execute(_INSERT_ROWS[size], [v for row in rows[start : start + size] for v in row])
+
+
+class GuardMissed(Exception):
+    """A batched write did not apply: redo the batch one write at a time."""
+
+
+def _apply_chunked(
+    conn: sqlite3.Connection,
+    sql: dict[int, str],
+    params: list[tuple[Any, ...]],
+    lead: tuple[Any, ...],
+) -> int:
+    """Run `sql` over `params` a chunk at a time; the number of rows changed."""
+    changed = 0
+    for start, size in chunks(len(params)):
+        flat: list[Any] = list(lead)
+        for p in params[start : start + size]:
+            flat += p
+        changed += conn.execute(sql[size], flat).rowcount
+    return changed
+
+
+class Create:
+    """Insert a new run and its first journal rows, unless its id or idempotency key is
+    taken. Result: (True, the row written), or (False, the row that exists)."""
+
+    __slots__ = ("run",)
+
+    _many: ClassVar[dict[int, str]] = _sized(
+        f"INSERT INTO runs ({RUN_FIELDS}) VALUES {{values}} ON CONFLICT DO NOTHING", 23
+    )
+
+    def __init__(self, run: NewRun) -> None:
+        self.run = run
+
+    def values(self, now: float) -> tuple[Any, ...]:
+        run = self.run
+        return (
+            run.run_id,
+            run.pipeline,
+            run.pipeline_version,
+            run.fingerprint,
+            run.status,
+            run.stage_index,
+            len(run.transitions),
+            run.input,
+            None,  # output
+            None,  # error
+            None,  # pause
+            run.parent_run_id,
+            run.root_run_id,
+            run.run_kind,
+            run.depth,
+            run.idempotency_key,
+            run.lease_owner,
+            run.lease_expires,
+            0,  # cancel_requested
+            run.replay_of,
+            now,
+            now,
+            run.wake_at,
+        )
+
+    def __call__(self, conn: sqlite3.Connection, rows: Rows) -> tuple[bool, Any]:
+        now = time.time()
+        values = self.values(now)
+        run = self.run
+        if conn.execute(self._many[1], values).rowcount == 1:
+            append(rows, run.run_id, 0, run.transitions, now)
+            return True, values
+        # Nothing inserted: an existing id or idempotency key. Return what exists.
+        if run.idempotency_key is not None:
+            row = conn.execute(
+                f"SELECT {RUN_FIELDS} FROM runs WHERE idempotency_key = ?", (run.idempotency_key,)
+            ).fetchone()
+            if row is not None:
+                return False, row
+        row = conn.execute(
+            f"SELECT {RUN_FIELDS} FROM runs WHERE run_id = ?", (run.run_id,)
+        ).fetchone()
+        return False, row
+
+    @classmethod
+    def apply_many(
+        cls, conn: sqlite3.Connection, ops: list[Any], now: float, rows: Rows
+    ) -> list[Any]:
+        values = [op.values(now) for op in ops]
+        if _apply_chunked(conn, cls._many, values, ()) != len(ops):
+            raise GuardMissed()
+        for op in ops:
+            append(rows, op.run.run_id, 0, op.run.transitions, now)
+        return [(True, v) for v in values]
+
+
+class Step:
+    """A running run's move to its next stage, guarded by its owner and its journal
+    position (and no cancel asked). Result: the new seq, or None if the guard failed."""
+
+    __slots__ = ("owner", "run_id", "seq", "stage_index", "transitions")
+
+    _one: ClassVar[str] = (
+        "UPDATE runs SET updated_at = ?, seq = ?, stage_index = ? WHERE run_id = ? "
+        "AND status = 'running' AND lease_owner = ? AND seq = ? AND cancel_requested = 0"
+    )
+    _many: ClassVar[dict[int, str]] = _sized(
+        "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3 "
+        "FROM (VALUES {values}) AS v WHERE runs.run_id = v.column1 "
+        "AND runs.status = 'running' AND runs.lease_owner = v.column4 "
+        "AND runs.seq = v.column5 AND runs.cancel_requested = 0",
+        5,
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+    ) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        self.seq = seq
+        self.stage_index = stage_index
+        self.transitions = transitions
+
+    def _params(self) -> tuple[Any, ...]:
+        return (
+            self.run_id,
+            self.seq + len(self.transitions),
+            self.stage_index,
+            self.owner,
+            self.seq,
+        )
+
+    def __call__(self, conn: sqlite3.Connection, rows: Rows) -> Any:
+        now = time.time()
+        run_id, new_seq, stage_index, owner, seq = self._params()
+        cur = conn.execute(self._one, (now, new_seq, stage_index, run_id, owner, seq))
+        if cur.rowcount != 1:
+            return None
+        append(rows, self.run_id, self.seq, self.transitions, now)
+        return self._result(now)
+
+    def _result(self, now: float) -> Any:
+        return self.seq + len(self.transitions)
+
+    @classmethod
+    def apply_many(
+        cls, conn: sqlite3.Connection, ops: list[Any], now: float, rows: Rows
+    ) -> list[Any]:
+        if _apply_chunked(conn, cls._many, [op._params() for op in ops], (now,)) != len(ops):
+            raise GuardMissed()
+        for op in ops:
+            append(rows, op.run_id, op.seq, op.transitions, now)
+        return [op._result(now) for op in ops]
+
+
+class Finish(Step):
+    """A running run's last stage done: the run succeeds with `output`, its lease let go.
+    Guarded as a `Step`. Result: (the new seq, the commit time), or None."""
+
+    __slots__ = ("output",)
+
+    _one: ClassVar[str] = (
+        "UPDATE runs SET updated_at = ?, seq = ?, stage_index = ?, status = 'succeeded', "
+        "output = ?, lease_owner = NULL, lease_expires = NULL WHERE run_id = ? "
+        "AND status = 'running' AND lease_owner = ? AND seq = ? AND cancel_requested = 0"
+    )
+    _many: ClassVar[dict[int, str]] = _sized(
+        "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3, "
+        "status = 'succeeded', output = v.column6, lease_owner = NULL, lease_expires = NULL "
+        "FROM (VALUES {values}) AS v WHERE runs.run_id = v.column1 "
+        "AND runs.status = 'running' AND runs.lease_owner = v.column4 "
+        "AND runs.seq = v.column5 AND runs.cancel_requested = 0",
+        6,
+    )
+
+    def __init__(
+        self,
+        run_id: str,
+        owner: str,
+        seq: int,
+        stage_index: int,
+        transitions: Sequence[NewTransition],
+        output: str | None,
+    ) -> None:
+        super().__init__(run_id, owner, seq, stage_index, transitions)
+        self.output = output
+
+    def _params(self) -> tuple[Any, ...]:
+        return (*super()._params(), self.output)
+
+    def __call__(self, conn: sqlite3.Connection, rows: Rows) -> Any:
+        now = time.time()
+        run_id, new_seq, stage_index, owner, seq, output = self._params()
+        cur = conn.execute(self._one, (now, new_seq, stage_index, output, run_id, owner, seq))
+        if cur.rowcount != 1:
+            return None
+        append(rows, self.run_id, self.seq, self.transitions, now)
+        return self._result(now)
+
+    def _result(self, now: float) -> Any:
+        return (self.seq + len(self.transitions), now)
+
+
+BATCHED: frozenset[type] = frozenset({Create, Step, Finish})
+"""Kinds of write a batch applies together (each kind after the batch's other writes)."""
