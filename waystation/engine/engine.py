@@ -112,6 +112,9 @@ def _choose_pause(run_id: str, pauses: list[Pause], pause_id: str | None) -> Pau
     )
 
 
+_UNSET: Any = object()
+
+
 def _when(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
@@ -173,6 +176,10 @@ class Engine:
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
         self._task_group: anyio.abc.TaskGroup | None = None
+        self._runs: set[asyncio.Task[None]] = set()
+        """The tasks driving runs. Plain asyncio tasks rather than the task group's: a run
+        is started per submit, and the group's bookkeeping per task (a wrapper coroutine
+        resumed at every commit, a weak-keyed state) was a measurable share of the cost."""
         self._service: asyncio.Task[None] | None = None
         self._ready: asyncio.Event | None = None
         self._stop: asyncio.Event | None = None
@@ -275,15 +282,23 @@ class Engine:
 
     async def _serve(self) -> None:
         assert self._ready is not None and self._stop is not None
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            tg.start_soon(self._maintain)
-            if self._recover_on_open:
-                tg.start_soon(self.timers.run)
-            self._ready.set()
-            await self._stop.wait()
-            tg.cancel_scope.cancel()
-        self._task_group = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                tg.start_soon(self._maintain)
+                if self._recover_on_open:
+                    tg.start_soon(self.timers.run)
+                self._ready.set()
+                await self._stop.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._task_group = None
+            runs = [t for t in self._runs if not t.done()]
+            for task in runs:
+                task.cancel()
+            if runs:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.gather(*runs, return_exceptions=True)
 
     async def close(self, *, grace: float | None = None) -> None:
         """Stop claiming runs, let stages in flight finish within `grace` seconds (default:
@@ -296,10 +311,12 @@ class Engine:
         wait = self.shutdown_grace if grace is None else grace
         for driver in list(self._active.values()):
             driver.stopping = True  # finish the stage in hand, start no other
-        if wait > 0 and self._active:
+        if wait > 0 and self._runs:
             with anyio.move_on_after(wait):
                 for driver in list(self._active.values()):
                     await driver.done.wait()
+                if self._runs:  # and what follows a run (removing its workspace)
+                    await asyncio.wait(set(self._runs))
         if self._stop is not None:
             self._stop.set()
         if self._service is not None:
@@ -543,7 +560,17 @@ class Engine:
         if self._closing:
             driver.stopping = True  # a child launched while closing: left for recovery
         self._active[driver.run_id] = driver
-        self._task_group.start_soon(self._drive, driver, name=f"waystation-run-{driver.run_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._drive(driver), name=f"waystation-run-{driver.run_id}"
+        )
+        driver.task = task
+        self._runs.add(task)
+        task.add_done_callback(self._ran)
+
+    def _ran(self, task: asyncio.Task[None]) -> None:
+        self._runs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s stopped by an internal error", task.get_name(), exc_info=task.exception())
 
     async def _drive(self, driver: Driver) -> None:
         try:
@@ -588,6 +615,9 @@ class Engine:
             driver = self._active.get(run_id)
             if driver is not None:
                 await driver.done.wait()
+                task = driver.task
+                if task is not None and not task.done():  # removing the run's workspace
+                    await asyncio.wait({task})
                 if driver.final is not None and run_id not in self._active:
                     # The row as the settling commit left it: no need to read it back.
                     return self._to_run(driver.final)
@@ -1128,8 +1158,10 @@ class Engine:
         p = self._pipelines.get((r.pipeline, r.pipeline_version))
         if p is not None and p.fingerprint != r.fingerprint:
             p = None
-        input_value: Any = codec.decode_any(r.input)
-        output: Any = codec.decode_any(r.output)
+        # Typed by the pipeline where it is registered; else (or if the stored value no
+        # longer fits) as plain JSON.
+        input_value: Any = _UNSET
+        output: Any = None if r.output is None else _UNSET
         stage_name: str | None = None
         if p is not None:
             with contextlib.suppress(WaystationError, msgspec.ValidationError):
@@ -1139,6 +1171,10 @@ class Engine:
                     output = codec.decode(r.output, p.stages[-1].returns)
             if r.stage_index < len(p.stages):
                 stage_name = p.stages[r.stage_index].name
+        if input_value is _UNSET:
+            input_value = codec.decode_any(r.input)
+        if output is _UNSET:
+            output = codec.decode_any(r.output)
         pauses = decode_pauses(r.pause)
         pause = pauses[0] if pauses else None
         if pause is not None:

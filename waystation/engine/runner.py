@@ -324,6 +324,8 @@ class Driver:
         """Set when a recovered run's stored values do not decode: leave it alone."""
         """Set when the run stopped unsettled (a failed commit): the engine retries it later."""
         self.done = anyio.Event()
+        self.task: asyncio.Task[None] | None = None
+        """The task driving the run, once launched (it also tidies up after the run)."""
 
     @property
     def run_id(self) -> str:
@@ -335,7 +337,10 @@ class Driver:
         try:
             with self.scope:
                 try:
-                    await self.limiter.acquire_on_behalf_of(self)
+                    try:  # a free slot is taken at once: no extra pass of the event loop
+                        self.limiter.acquire_on_behalf_of_nowait(self)
+                    except anyio.WouldBlock:
+                        await self.limiter.acquire_on_behalf_of(self)
                     try:
                         if self.claim is not None and not await self._claim(self.claim):
                             return
