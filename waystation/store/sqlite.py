@@ -5,8 +5,9 @@ that is queued, runs it in one transaction, commits once and then wakes each cal
 caller's write is durable when its await returns. Alone, a stage pays one commit; under load,
 hundreds of runs share one fsync. The writer is a thread of our own rather than an aiosqlite
 connection because a batch must run as one call on the connection's thread: through
-aiosqlite each statement would be a separate thread hop. Reads use aiosqlite connections and,
-thanks to WAL, never wait for the writer.
+aiosqlite each statement would be a separate thread hop. The writes every run makes (create,
+step, finish) are applied batch-wide with a few multi-row statements (see `batch`). Reads
+use aiosqlite connections and, thanks to WAL, never wait for the writer.
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ class _Writer:
         if kinds:
             now = time.time()
             for kind, members in kinds.items():
+                if len(members) == 1:  # alone (a run alone, say): its plain statement
+                    results[members[0]] = batch[members[0]][0](conn, rows)
+                    continue
                 ops = [batch[k][0] for k in members]
                 for k, result in zip(members, kind.apply_many(conn, ops, now, rows), strict=True):
                     results[k] = result
