@@ -7,7 +7,7 @@ database, not Python, decides which of two racing writers wins.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -150,18 +150,19 @@ class Store(Protocol):
     ) -> int | None:
         """Append `transitions` and set `values` if `guard` holds; the new seq, else None."""
 
-    async def step_run(
+    def step_run(
         self,
         run_id: str,
         owner: str,
         seq: int,
         stage_index: int,
         transitions: Sequence[NewTransition],
-    ) -> int | None:
+    ) -> Awaitable[int | None]:
         """The hot path: a running run moves to stage `stage_index`. Applies (appending
-        `transitions`, returning the new seq) only if the run is running, leased by `owner`,
+        `transitions`, giving the new seq) only if the run is running, leased by `owner`,
         not asked to cancel, and its journal is at `seq`; else None. The new seq is known
-        in advance, so a store can apply many runs' steps in one statement."""
+        in advance, so a store can apply many runs' steps in one statement. (An awaitable
+        rather than a coroutine, so that a store may hand back its own future.)"""
 
     async def finish_run(
         self,

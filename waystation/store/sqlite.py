@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal
 
 import aiosqlite
@@ -360,20 +360,22 @@ class SQLiteStore:
         result: int | None = await self._write(write)
         return result
 
-    async def step_run(
+    def step_run(
         self,
         run_id: str,
         owner: str,
         seq: int,
         stage_index: int,
         transitions: Sequence[NewTransition],
-    ) -> int | None:
+    ) -> Awaitable[int | None]:
         if self._writer is None:
             raise StoreError("store is closed")
-        result: int | None = await self._writer.submit(
+        # The writer's future itself, not a coroutine around it: one frame fewer to create
+        # per stage and to resume per commit.
+        future: Awaitable[int | None] = self._writer.submit(
             batched.Step(run_id, owner, seq, stage_index, transitions)
         )
-        return result
+        return future
 
     async def finish_run(
         self,
