@@ -1038,3 +1038,120 @@ async def test_wait_returns_the_row_as_committed(db: Path) -> None:
             waited = await engine.wait(resumed.run_id)
             assert waited.status == "succeeded" and waited.output == 2.5
             assert waited == await engine.get(waited.run_id)
+
+
+async def test_a_failed_commit_of_a_stage_strands_the_run_and_it_is_retried(db: Path) -> None:
+    """The database refuses the commit of stage b's success once (a full disk, say): the
+    stage did not fail, so the run is left to be retried (b runs again) and succeeds; it is
+    never recorded as failed."""
+    calls: list[str] = []
+
+    @ws.stage
+    async def a() -> int:
+        calls.append("a")
+        return 1
+
+    @ws.stage
+    async def b(a: int) -> int:
+        calls.append("b")
+        return a + 1
+
+    @ws.stage
+    async def c(b: int) -> int:
+        calls.append("c")
+        return b + 1
+
+    refused: list[str] = []
+
+    def refuse(transitions: Any) -> bool:
+        hit = not refused and any(
+            t.event == "succeeded" and t.stage_index == 1 for t in transitions
+        )
+        if hit:
+            refused.append("b")
+        return hit
+
+    p = ws.Pipeline("refused", [a, b, c])
+    async with ws.Engine.open(db, pipelines=[p], poll_interval=0.05) as engine:
+        store = engine.store
+        step_run, update_run = store.step_run, store.update_run
+
+        def failing_step(run_id: str, owner: str, seq: int, i: int, transitions: Any) -> Any:
+            if refuse(transitions):
+                raise ws.StoreError("database write failed: OperationalError: disk is full")
+            return step_run(run_id, owner, seq, i, transitions)
+
+        async def failing_update(
+            run_id: str, guard: Any, transitions: Any, values: Any = None
+        ) -> Any:
+            if refuse(transitions):
+                raise ws.StoreError("database write failed: OperationalError: disk is full")
+            return await update_run(run_id, guard, transitions, values)
+
+        store.step_run = failing_step  # type: ignore[method-assign]
+        store.update_run = failing_update  # type: ignore[method-assign]
+        with anyio.fail_after(SAFETY):
+            run = await engine.submit(p)
+            final = await engine.wait(run.run_id)
+    assert refused == ["b"]
+    assert final.status == "succeeded" and final.output == 3
+    assert calls == ["a", "b", "b", "c"]
+    events = [row[2] for row in journal(db, run.run_id)]
+    assert "failed" not in events and events.count("succeeded") == 3
+
+
+async def test_cancel_right_after_submit_runs_no_stage(db: Path) -> None:
+    effects: list[str] = []
+
+    @ws.stage
+    async def charge() -> int:
+        effects.append("charged")  # before any await: nothing stops it once it is called
+        return 1
+
+    @ws.stage
+    async def ship(charge: int) -> int:
+        effects.append("shipped")
+        return 2
+
+    p = ws.Pipeline("cancelled-early", [charge, ship])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.submit(p)
+            cancelled = await engine.cancel(run.run_id)
+    assert cancelled.status == "cancelled" and effects == []
+    assert [(row[2], row[1]) for row in journal(db, run.run_id)] == [
+        ("created", None),
+        ("started", 0),
+        ("cancelled", 0),
+    ]
+
+
+async def test_close_stops_a_stage_that_swallows_the_first_cancellation(db: Path) -> None:
+    """A stage that catches the cancellation and awaits again is cancelled again: close
+    returns after its grace period and the run is left running for recovery."""
+    effects: list[str] = []
+    entered = asyncio.Event()
+
+    @ws.stage
+    async def stubborn() -> int:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            effects.append("swallowed")  # a library that tidies up and carries on
+        await asyncio.sleep(60)
+        effects.append("finished")
+        return 1
+
+    p = ws.Pipeline("stubborn", [stubborn])
+    engine = await ws.Engine.open(db, pipelines=[p])
+    with anyio.fail_after(SAFETY):  # before the fix close waited the full 120 s
+        run = await engine.submit(p)
+        await entered.wait()
+        await engine.close(grace=0.1)
+    assert effects == ["swallowed"]
+    with closing(sqlite3.connect(db)) as conn:
+        status, owner = conn.execute(
+            "SELECT status, lease_owner FROM runs WHERE run_id = ?", (run.run_id,)
+        ).fetchone()
+    assert (status, owner) == ("running", None)  # left for the next engine to recover

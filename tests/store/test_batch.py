@@ -40,7 +40,12 @@ async def _in_one_batch(store: SQLiteStore, calls: list[Callable[[], Awaitable[T
     held = asyncio.ensure_future(store._write(lambda conn, rows: gate.wait(10)))
     await asyncio.sleep(0.05)  # the writer has taken the blocking write
     before = store.stats["batches"]
-    tasks = [asyncio.ensure_future(c()) for c in calls]
+
+    async def call(c: Callable[[], Awaitable[T]]) -> T:
+        return await c()
+
+    # Each call starts in its own task, in list order, so the writes queue in that order.
+    tasks = [asyncio.ensure_future(call(c)) for c in calls]
     await asyncio.sleep(0)  # each call has queued its write
     gate.set()
     await held
@@ -171,5 +176,38 @@ async def test_a_failing_write_does_not_sink_the_batched_ones(db: Path) -> None:
             ],
         )
         assert results == [4, "StoreError", 4]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("with_other", [False, True], ids=["alone", "with another step"])
+@pytest.mark.parametrize("cancel_first", [False, True], ids=["step first", "cancel first"])
+async def test_a_batch_keeps_queue_order_around_other_writes(
+    db: Path, cancel_first: bool, with_other: bool
+) -> None:
+    """A step queued before a cancel request of its run applies; one queued after it does
+    not, whatever else shares the batch."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        for rid in ("a", "b"):
+            await store.create_run(_run(rid))
+        rows = [NewTransition("succeeded", 0, "a", 1), NewTransition("started", 1, "b", 1)]
+
+        def step(rid: str) -> Callable[[], Awaitable[int | None]]:
+            return lambda: store.step_run(rid, "me", 2, 1, rows)
+
+        async def cancel() -> int | None:
+            guard = Guard(("running",))
+            return await store.update_run("a", guard, [], {"cancel_requested": 1})
+
+        named = {"cancel": cancel, "a": step("a"), "b": step("b")}
+        names = ["cancel", "a"] if cancel_first else ["a", "cancel"]
+        if with_other:
+            names.append("b")
+        results = await _in_one_batch(store, [named[n] for n in names])
+        outcome = dict(zip(names, results, strict=True))
+        assert outcome["a"] == (None if cancel_first else 4)
+        assert outcome.get("b", 4) == 4
     finally:
         await store.close()

@@ -137,7 +137,7 @@ class ChildRunner:
             child_state.depth = state.depth + 1
             child_state.chain = chain
             child_state.lineage = (*state.lineage, state.run_id)
-            engine._launch_new(p, child_state)
+            engine._launch_new(p, child_state, record)
         return await self._settle(parent, p, record.run_id, chain, stage_outputs)
 
     async def _settle(

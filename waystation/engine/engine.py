@@ -293,9 +293,17 @@ class Engine:
                 tg.cancel_scope.cancel()
         finally:
             self._task_group = None
+            # Through each driver's cancel scope, as the task group did: anyio delivers it
+            # again at every await until the run lets go, and respects the shields that
+            # protect the driver's last writes. A bare task.cancel() is delivered once.
+            driving = set()
+            for driver in list(self._active.values()):
+                driver.scope.cancel()
+                driving.add(driver.task)
             runs = [t for t in self._runs if not t.done()]
             for task in runs:
-                task.cancel()
+                if task not in driving:  # past its driver: tidying up after the run
+                    task.cancel()
             if runs:
                 with anyio.CancelScope(shield=True):
                     await asyncio.gather(*runs, return_exceptions=True)
@@ -521,10 +529,7 @@ class Engine:
             self.timers.changed()
             return record
         log.info("run %s started (%s v%s)", rid, p.name, p.version)
-        driver = Driver(**self._driver_args(p), state=RunState.fresh(p, rid, typed))
-        driver.seq = record.seq
-        driver.base = record
-        self._launch(driver)
+        self._launch_new(p, RunState.fresh(p, rid, typed), record)
         return record
 
     async def start(
@@ -552,8 +557,12 @@ class Engine:
             "tracing": self.tracing,
         }
 
-    def _launch_new(self, pipeline: Pipeline, state: RunState) -> None:
-        self._launch(Driver(**self._driver_args(pipeline), state=state))
+    def _launch_new(self, pipeline: Pipeline, state: RunState, created: RunRecord) -> None:
+        """Drive a run this engine has just created (as `created`)."""
+        driver = Driver(**self._driver_args(pipeline), state=state)
+        driver.seq = created.seq
+        driver.base = created
+        self._launch(driver)
 
     def _launch(self, driver: Driver) -> None:
         assert self._task_group is not None

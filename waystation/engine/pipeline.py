@@ -165,6 +165,8 @@ class Pipeline:
         self._check_cycles([])
         self.fingerprint = self._fingerprint()
         self.created_payload = codec.encode({"shape": self.shape()}).decode()
+        """The payload of each new run's `created` row (built once: a pipeline does not
+        change after it is built)."""
         self.plain: tuple[bool, ...] = tuple(
             s.kind == "stage"
             and s.is_async
@@ -180,8 +182,6 @@ class Pipeline:
             NewTransition("started", i, s.name, 1) for i, s in enumerate(self.stages)
         )
         """Per stage: the journal row of its first attempt starting."""
-        """The payload of each new run's `created` row (built once: a pipeline does not
-        change after it is built)."""
 
     # -- building ----------------------------------------------------------------------------
 

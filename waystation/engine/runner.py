@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import tenacity
 
@@ -368,7 +369,11 @@ class Driver:
         try:
             with self.scope:
                 try:
-                    try:  # a free slot is taken at once: no extra pass of the event loop
+                    # A free slot is taken at once, without the extra pass of the event loop
+                    # that acquire_on_behalf_of makes; but a run cancelled before its task
+                    # started must stop here, as it did at that pass.
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                    try:
                         self.limiter.acquire_on_behalf_of_nowait(self)
                     except anyio.WouldBlock:
                         await self.limiter.acquire_on_behalf_of(self)
@@ -436,58 +441,39 @@ class Driver:
                 log.info("run %s left at %s for the next engine", self.run_id, stages[i].name)
                 return
             stage = stages[i]
+            began: float | None = None  # for the log line of a stage that ran
+            event = "succeeded"
+            value: Any = None
+            payload: str | None = None
+            park: float | None = None
+            # Only the stage itself runs inside `try`: what fails in there is the stage's
+            # failure. Its commit comes after, so that a failed commit strands the run (to
+            # be retried) rather than failing a stage that succeeded.
             try:
                 if plain[i]:
                     began = time.perf_counter()
                     if state.depth or state.root_run_id in tree_stages:
                         await self.children.count_stage(self)
                     fn: Callable[..., Awaitable[Any]] = stage.fn  # type: ignore[assignment]
-                    out = await fn(**self._kwargs(slots[i].bindings))
-                    value, payload = check_output(stage, out)
-                    if i + 1 < n_stages and self.seq is not None:
-                        # `_advance`'s common case, inline: this runs once per stage.
-                        done = NewTransition(
-                            "succeeded", i, stage.name, self._attempt_of(i), payload
-                        )
-                        rows = [done, started[i + 1]]
-                        seq = await self.store.step_run(
-                            self.run_id, self.owner, self.seq, i + 1, rows
-                        )
-                        if seq is None:  # not as expected: the plain guard decides
-                            await self._commit(rows, {"stage_index": i + 1})
-                        else:
-                            self.seq = seq
-                        self._advanced(i, value, payload)
-                    else:
-                        await self._advance(i, value, payload, "succeeded")
-                    if log.isEnabledFor(logging.INFO):
-                        self._log_done(stage, began)
-                    i += 1
-                    continue
-                if stage.when is not None and not await self._condition(
+                    value, payload = check_output(
+                        stage, await fn(**self._kwargs(slots[i].bindings))
+                    )
+                elif stage.when is not None and not await self._condition(
                     stage, self.pipeline.when_bindings[i]
                 ):
-                    await self._advance(i, None, None, "skipped")
-                    i += 1
-                    continue
-                if stage.kind == "parallel":
+                    event = "skipped"
+                elif stage.kind == "parallel":
                     value = await self._run_group(stage, i)
-                    await self._advance(i, value, None, "succeeded")
-                    i += 1
-                    continue
-                if stage.kind == "sleep":
+                elif stage.kind == "sleep":
                     wake_at = await self._wake_time(stage, i)
                     if self.clock.time() < wake_at:
-                        await self._park(self.pipeline.slots[i], wake_at, 0)
-                        return
-                    await self._advance(i, None, None, "succeeded")
-                    i += 1
-                    continue
-                began = time.perf_counter()
-                if stage.kind == "gate":
-                    value, payload = self._gate_answer(stage, i)
+                        park = wake_at
                 else:
-                    value, payload = await self._execute(stage, self.pipeline.slots[i])
+                    began = time.perf_counter()
+                    if stage.kind == "gate":
+                        value, payload = self._gate_answer(stage, i)
+                    else:
+                        value, payload = await self._execute(stage, slots[i])
             except asyncio.CancelledError as exc:
                 # Real cancellation (ours or the engine's) propagates; a CancelledError the
                 # stage raised by itself (awaiting a cancelled task, say) is its failure.
@@ -500,7 +486,7 @@ class Driver:
                 await self._pause(i, stage, sig, self._attempt_of(i))
                 return
             except SleepSignal as sig:
-                await self._park(self.pipeline.slots[i], sig.wake_at, sig.number)
+                await self._park(slots[i], sig.wake_at, sig.number)
                 return
             except _Lost:
                 raise
@@ -511,8 +497,22 @@ class Driver:
                 await self._fail_and_continue(i, stage, exc)
                 i += 1
                 continue
-            await self._advance(i, value, payload, "succeeded")
-            if log.isEnabledFor(logging.INFO):
+            if park is not None:
+                await self._park(slots[i], park, 0)
+                return
+            if i + 1 < n_stages and self.seq is not None:
+                # `_advance`'s common case, inline: this runs once per stage.
+                done = NewTransition(event, i, stage.name, self._attempt_of(i), payload)
+                rows = [done, started[i + 1]]
+                seq = await self.store.step_run(self.run_id, self.owner, self.seq, i + 1, rows)
+                if seq is None:  # not as expected: the plain guard decides
+                    await self._commit(rows, {"stage_index": i + 1})
+                else:
+                    self.seq = seq
+                self._advanced(i, value, payload)
+            else:
+                await self._advance(i, value, payload, event)
+            if began is not None and log.isEnabledFor(logging.INFO):
                 self._log_done(stage, began)
             i += 1
 

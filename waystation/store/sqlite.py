@@ -140,8 +140,9 @@ class _Writer:
             try:
                 results = self._apply(conn, batch, rows, grouped=True)
             except batched.GuardMissed:
-                # Some guarded update lost its race: redo the batch in the same transaction
-                # one write at a time, so each caller learns its own outcome.
+                # Some batched write did not apply: roll back and redo the batch one write
+                # at a time (in a new transaction, every guard checked afresh), so that each
+                # caller learns its own outcome.
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
                 rows = []
@@ -175,25 +176,23 @@ class _Writer:
         *,
         grouped: bool,
     ) -> list[Any]:
-        """Run a batch's writes: each kind in `batch.BATCHED` together (see that module),
-        after the others; with `grouped=False`, every write on its own."""
+        """Run a batch's writes in queue order; with `grouped`, each stretch of writes of
+        the kinds in `batch.BATCHED` between two other writes is applied kind by kind
+        with multi-row statements (a run has at most one such write in a stretch: its
+        driver awaits each commit, so order inside a stretch does not matter)."""
         results: list[Any] = [None] * len(batch)
-        kinds: dict[Any, list[int]] = {}
+        stretch: dict[Any, list[int]] = {}
         for k, (op, _) in enumerate(batch):
             kind = type(op)
             if grouped and kind in batched.BATCHED:
-                kinds.setdefault(kind, []).append(k)
-            else:
-                results[k] = op(conn, rows)
-        if kinds:
-            now = time.time()
-            for kind, members in kinds.items():
-                if len(members) == 1:  # alone (a run alone, say): its plain statement
-                    results[members[0]] = batch[members[0]][0](conn, rows)
-                    continue
-                ops = [batch[k][0] for k in members]
-                for k, result in zip(members, kind.apply_many(conn, ops, now, rows), strict=True):
-                    results[k] = result
+                stretch.setdefault(kind, []).append(k)
+                continue
+            if stretch:
+                _apply_stretch(conn, batch, stretch, results, rows)
+                stretch = {}
+            results[k] = op(conn, rows)
+        if stretch:
+            _apply_stretch(conn, batch, stretch, results, rows)
         return results
 
     def _moved(self) -> str | None:
@@ -220,6 +219,23 @@ class _Writer:
                 loop.call_soon_threadsafe(_settle, items)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
+
+
+def _apply_stretch(
+    conn: sqlite3.Connection,
+    batch: list[tuple[WriteOp, asyncio.Future[Any]]],
+    stretch: dict[Any, list[int]],
+    results: list[Any],
+    rows: list[tuple[Any, ...]],
+) -> None:
+    now = time.time()
+    for kind, members in stretch.items():
+        if len(members) == 1:  # alone (a run alone, say): its plain statement
+            results[members[0]] = batch[members[0]][0](conn, rows)
+            continue
+        ops = [batch[k][0] for k in members]
+        for k, result in zip(members, kind.apply_many(conn, ops, now, rows), strict=True):
+            results[k] = result
 
 
 def _identity(path: str) -> tuple[int, int] | None:
