@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,3 +154,29 @@ async def test_wal_and_synchronous_settings(db: Path) -> None:
             assert conn is not None and mode == "wal" and sync == expected
         finally:
             await store.close()
+
+
+async def test_wake_queries_use_the_wake_index(db: Path) -> None:
+    """The timers ask for due runs and the next wake time often; through the status index
+    they would visit every paused run (200 ms with a million), so they must use runs_wake."""
+    store = SQLiteStore(db)
+    await store.open()
+    seen: list[str] = []
+    read = store._read
+
+    async def spy(sql: str, params: Any = ()) -> list[Any]:
+        seen.append(sql)
+        return await read(sql, params)
+
+    store._read = spy  # type: ignore[method-assign]
+    try:
+        await store.next_wake()
+        await store.due_runs(0.0)
+    finally:
+        await store.close()
+    assert len(seen) == 2
+    with sqlite3.connect(db) as conn:
+        for sql in seen:
+            params = [0.0] * sql.count("?")
+            plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "runs_wake" in plan, (sql, plan)

@@ -602,8 +602,11 @@ class SQLiteStore:
 
     async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
         rows = await self._read(
+            # `+status`: keeps SQLite from choosing the status index, which would visit
+            # every paused run (a million of them take 200 ms); runs_wake holds only the
+            # runs with a wake time.
             f"SELECT {batched.RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
-            "AND status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
+            "AND +status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
             (now, limit),
         )
         return [_run(r) for r in rows]
@@ -611,7 +614,7 @@ class SQLiteStore:
     async def next_wake(self) -> float | None:
         row = await self._read_one(
             "SELECT MIN(wake_at) FROM runs WHERE wake_at IS NOT NULL "
-            "AND status IN ('pending', 'paused')"
+            "AND +status IN ('pending', 'paused')"  # the wake index, as in due_runs
         )
         return None if row is None or row[0] is None else float(row[0])
 
