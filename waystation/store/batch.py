@@ -32,8 +32,8 @@ Rows = list[tuple[Any, ...]]
 
 # Statements are built for a few fixed sizes (each prepared once and cached by sqlite3): a
 # batch of n rows takes about n / 256 statements. 256 rows x 23 columns stays far below
-# SQLite's limit of 32,766 parameters.
-CHUNKS = (256, 64, 16, 4, 1)
+# SQLite's limit of 32,766 parameters. Size 2: a stage commit of a run alone has 2 rows.
+CHUNKS = (256, 64, 16, 4, 2, 1)
 
 
 def chunks(n: int) -> list[tuple[int, int]]:
