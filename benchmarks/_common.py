@@ -13,6 +13,7 @@ import platform
 import sqlite3
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -115,3 +116,23 @@ async def finish(prepare: int, approval: Decision) -> str:
 
 APPROVAL = ws.Pipeline("bench_approval", [prepare, approval, finish], version="1")
 """prepare -> approval gate (pauses) -> finish: a run pauses after one stage."""
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) of each thread of this process, by thread name (Linux);
+    the threads of aiosqlite and of `to_thread` are summed under one name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        name = names.get(int(tid), f"thread-{tid}")
+        if name.startswith(("asyncio_", "ThreadPoolExecutor")) or name.startswith("Thread-"):
+            name = "other threads (aiosqlite, to_thread)"
+        out[name] = out.get(name, 0.0) + cpu
+    return out

@@ -25,11 +25,10 @@ import selectors
 import shutil
 import statistics
 import tempfile
-import threading
 import time
 from typing import Any
 
-from _common import PIPELINE, RUN_INPUT, emit
+from _common import PIPELINE, RUN_INPUT, emit, thread_cpu
 
 import waystation as ws
 from waystation.store import sqlite as store_sqlite
@@ -53,20 +52,6 @@ class _TimedConnection:
         kind = " ".join(sql.split()[:3]).split("(")[0].strip()
         self._times[kind].append((time.perf_counter() - wall, time.thread_time() - cpu))
         return result
-
-
-def _thread_cpu() -> dict[str, float]:
-    tick = os.sysconf("SC_CLK_TCK")
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        out[names.get(int(tid), tid)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
 
 
 async def trial() -> dict[str, Any]:
@@ -102,13 +87,13 @@ async def trial() -> dict[str, Any]:
             warm = await asyncio.gather(*(engine.submit(PIPELINE, RUN_INPUT) for _ in range(50)))
             await asyncio.gather(*(engine.wait(r.run_id) for r in warm))
             statements.clear()
-            cpu0, t0, first = _thread_cpu(), time.perf_counter(), len(batches)
+            cpu0, t0, first = thread_cpu(), time.perf_counter(), len(batches)
             for _ in range(WAVES):
                 runs = await asyncio.gather(
                     *(engine.submit(PIPELINE, RUN_INPUT) for _ in range(RUNS))
                 )
                 await asyncio.gather(*(engine.wait(r.run_id) for r in runs))
-            elapsed, cpu1 = time.perf_counter() - t0, _thread_cpu()
+            elapsed, cpu1 = time.perf_counter() - t0, thread_cpu()
     finally:
         store_sqlite._Writer._commit = commit  # type: ignore[method-assign]
         store_sqlite._Writer.__init__ = init  # type: ignore[method-assign]

@@ -19,34 +19,14 @@ import asyncio
 import os
 import shutil
 import tempfile
-import threading
 import time
 from typing import Any
 
-from _common import N_STAGES, PIPELINE, RUN_INPUT
+from _common import N_STAGES, PIPELINE, RUN_INPUT, thread_cpu
 from pyinstrument import Profiler
 from pyinstrument.renderers import ConsoleRenderer
 
 import waystation as ws
-
-
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) of each thread of this process, by thread name."""
-    tick = os.sysconf("SC_CLK_TCK")
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu = (int(fields[11]) + int(fields[12])) / tick
-        name = names.get(int(tid), f"thread-{tid}")
-        if name.startswith(("asyncio_", "ThreadPoolExecutor")) or name.startswith("Thread-"):
-            name = "other threads (aiosqlite, to_thread)"
-        out[name] = out.get(name, 0.0) + cpu
-    return out
 
 
 def delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

@@ -15,22 +15,13 @@ import pytest
 from waystation.store.base import Guard, NewRun, NewTransition
 from waystation.store.sqlite import SQLiteStore
 
+from .runs import new_run
+
 T = TypeVar("T")
 
 
 def _run(run_id: str, **kw: Any) -> NewRun:
-    return NewRun(
-        run_id=run_id,
-        pipeline="p",
-        pipeline_version="1",
-        fingerprint="f",
-        status="running",
-        input="{}",
-        root_run_id=run_id,
-        lease_owner="me",
-        transitions=[NewTransition("created"), NewTransition("started", 0, "a", 1)],
-        **kw,
-    )
+    return new_run(run_id, lease_owner="me", **kw)
 
 
 async def _in_one_batch(store: SQLiteStore, calls: list[Callable[[], Awaitable[T]]]) -> list[T]:

@@ -9,33 +9,21 @@ from typing import Any
 
 import pytest
 
-from waystation.store.base import Guard, NewRun, NewTransition
+from waystation.store.base import Guard, NewTransition
 from waystation.store.sqlite import SQLiteStore
 
-
-def _run(run_id: str, **kw: object) -> NewRun:
-    return NewRun(
-        run_id=run_id,
-        pipeline="p",
-        pipeline_version="1",
-        fingerprint="f",
-        status="running",
-        input="{}",
-        root_run_id=run_id,
-        transitions=[NewTransition("created"), NewTransition("started", 0, "a", 1)],
-        **kw,  # type: ignore[arg-type]
-    )
+from .runs import new_run
 
 
 async def test_create_is_idempotent_by_id_and_key(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
     try:
-        created, first = await store.create_run(_run("r1", idempotency_key="k"))
+        created, first = await store.create_run(new_run("r1", idempotency_key="k"))
         assert created and first.seq == 2
-        created, again = await store.create_run(_run("r2", idempotency_key="k"))
+        created, again = await store.create_run(new_run("r2", idempotency_key="k"))
         assert not created and again.run_id == "r1"
-        created, same_id = await store.create_run(_run("r1"))
+        created, same_id = await store.create_run(new_run("r1"))
         assert not created and same_id.run_id == "r1"
         assert [r.run_id for r in await store.list_runs()] == ["r1"]
         assert [t.event for t in await store.history("r1")] == ["created", "started"]
@@ -47,7 +35,7 @@ async def test_guarded_update_applies_once(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
     try:
-        await store.create_run(_run("r1"))
+        await store.create_run(new_run("r1"))
         await store.update_run("r1", Guard(("running",)), [], {"status": "paused"})
         guard = Guard(("paused",), seq=2)
         results = await asyncio.gather(
@@ -67,7 +55,7 @@ async def test_owner_guard_fences_a_stale_driver(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
     try:
-        await store.create_run(_run("r1", lease_owner="a", lease_expires=1.0))
+        await store.create_run(new_run("r1", lease_owner="a", lease_expires=1.0))
         assert await store.update_run("r1", Guard(("running",), seq=2), [], {"lease_owner": "b"})
         stale = await store.update_run(
             "r1", Guard(("running",), owner="a"), [NewTransition("succeeded", 0)]
@@ -82,7 +70,7 @@ async def test_concurrent_writes_share_commits(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
     try:
-        await asyncio.gather(*[store.create_run(_run(f"r{i:04d}")) for i in range(500)])
+        await asyncio.gather(*[store.create_run(new_run(f"r{i:04d}")) for i in range(500)])
         stats = store.stats
         assert stats["writes"] == 500
         assert stats["batches"] < 500  # some commits carried several runs' writes
@@ -95,7 +83,7 @@ async def test_a_failing_write_does_not_sink_its_batch(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
     try:
-        await store.create_run(_run("r1"))
+        await store.create_run(new_run("r1"))
         bad = store.update_run("r1", Guard(("running",)), [NewTransition("x", 0)])
         # A duplicate (run_id, seq) primary key: raises inside the writer's batch.
         dup = NewTransition("dup", 0)
@@ -108,7 +96,7 @@ async def test_a_failing_write_does_not_sink_its_batch(db: Path) -> None:
 
             await store._write(op)
 
-        good = [store.create_run(_run(f"g{i}")) for i in range(20)]
+        good = [store.create_run(new_run(f"g{i}")) for i in range(20)]
         results = await asyncio.gather(bad, duplicate(), *good, return_exceptions=True)
         assert isinstance(results[1], Exception)
         assert all(not isinstance(r, BaseException) for i, r in enumerate(results) if i != 1)
@@ -121,7 +109,7 @@ async def test_a_failing_write_does_not_sink_its_batch(db: Path) -> None:
 async def test_writes_submitted_before_close_are_committed(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()
-    pending = [asyncio.ensure_future(store.create_run(_run(f"r{i}"))) for i in range(50)]
+    pending = [asyncio.ensure_future(store.create_run(new_run(f"r{i}"))) for i in range(50)]
     await asyncio.sleep(0)
     await store.close()
     await asyncio.gather(*pending)

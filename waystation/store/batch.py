@@ -173,9 +173,11 @@ class Step:
 
     __slots__ = ("owner", "run_id", "seq", "stage_index", "transitions")
 
+    # `_one` numbers its parameters as `_many` orders its VALUES columns (after the commit
+    # time): one `_params` serves both.
     _one: ClassVar[str] = (
-        "UPDATE runs SET updated_at = ?, seq = ?, stage_index = ? WHERE run_id = ? "
-        "AND status = 'running' AND lease_owner = ? AND seq = ? AND cancel_requested = 0"
+        "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4 WHERE run_id = ?2 "
+        "AND status = 'running' AND lease_owner = ?5 AND seq = ?6 AND cancel_requested = 0"
     )
     _many: ClassVar[dict[int, str]] = _sized(
         "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3 "
@@ -210,9 +212,7 @@ class Step:
 
     def __call__(self, conn: sqlite3.Connection, rows: Rows) -> Any:
         now = time.time()
-        run_id, new_seq, stage_index, owner, seq = self._params()
-        cur = conn.execute(self._one, (now, new_seq, stage_index, run_id, owner, seq))
-        if cur.rowcount != 1:
+        if conn.execute(self._one, (now, *self._params())).rowcount != 1:
             return None
         append(rows, self.run_id, self.seq, self.transitions, now)
         return self._result(now)
@@ -238,9 +238,9 @@ class Finish(Step):
     __slots__ = ("output",)
 
     _one: ClassVar[str] = (
-        "UPDATE runs SET updated_at = ?, seq = ?, stage_index = ?, status = 'succeeded', "
-        "output = ?, lease_owner = NULL, lease_expires = NULL WHERE run_id = ? "
-        "AND status = 'running' AND lease_owner = ? AND seq = ? AND cancel_requested = 0"
+        "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4, status = 'succeeded', "
+        "output = ?7, lease_owner = NULL, lease_expires = NULL WHERE run_id = ?2 "
+        "AND status = 'running' AND lease_owner = ?5 AND seq = ?6 AND cancel_requested = 0"
     )
     _many: ClassVar[dict[int, str]] = _sized(
         "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3, "
@@ -266,18 +266,10 @@ class Finish(Step):
     def _params(self) -> tuple[Any, ...]:
         return (*super()._params(), self.output)
 
-    def __call__(self, conn: sqlite3.Connection, rows: Rows) -> Any:
-        now = time.time()
-        run_id, new_seq, stage_index, owner, seq, output = self._params()
-        cur = conn.execute(self._one, (now, new_seq, stage_index, output, run_id, owner, seq))
-        if cur.rowcount != 1:
-            return None
-        append(rows, self.run_id, self.seq, self.transitions, now)
-        return self._result(now)
-
     def _result(self, now: float) -> Any:
         return (self.seq + len(self.transitions), now)
 
 
 BATCHED: frozenset[type] = frozenset({Create, Step, Finish})
-"""Kinds of write a batch applies together (each kind after the batch's other writes)."""
+"""Kinds of write a batch applies together (kind by kind, within each stretch of the batch
+between two writes of other kinds)."""
