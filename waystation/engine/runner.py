@@ -429,8 +429,6 @@ class Driver:
         slots = self.pipeline.slots
         tree_stages = self.children.tree_stages
         plain = self.pipeline.plain if self.tracing is None else (False,) * len(stages)
-        started = self.pipeline.started
-        n_stages = len(stages)
         i = self.state.stage_index
         if self.state.compensating is not None and i < len(stages):
             # The process died while compensating a failure: finish that, nothing else.
@@ -500,18 +498,7 @@ class Driver:
             if park is not None:
                 await self._park(slots[i], park, 0)
                 return
-            if i + 1 < n_stages and self.seq is not None:
-                # `_advance`'s common case, inline: this runs once per stage.
-                done = NewTransition(event, i, stage.name, self._attempt_of(i), payload)
-                rows = [done, started[i + 1]]
-                seq = await self.store.step_run(self.run_id, self.owner, self.seq, i + 1, rows)
-                if seq is None:  # not as expected: the plain guard decides
-                    await self._commit(rows, {"stage_index": i + 1})
-                else:
-                    self.seq = seq
-                self._advanced(i, value, payload)
-            else:
-                await self._advance(i, value, payload, event)
+            await self._advance(i, value, payload, event)
             if began is not None and log.isEnabledFor(logging.INFO):
                 self._log_done(stage, began)
             i += 1
