@@ -54,3 +54,12 @@ def test_statements_split_by_sqlite_not_by_semicolons() -> None:
     script = "-- a comment; with a semicolon\nCREATE TABLE t (x TEXT DEFAULT 'a;b');\nSELECT 1;\n"
     statements = migrations._statements(script)
     assert len(statements) == 2 and "'a;b'" in statements[0]
+
+
+def test_migrations_read_through_importlib_resources_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from the package folder (fast) or, where there is none (a zipped install),
+    through importlib.resources: the same migrations either way."""
+    direct = migrations.migrations("sqlite")
+    monkeypatch.setattr(migrations.os.path, "isdir", lambda path: False)
+    assert migrations.migrations("sqlite") == direct
+    assert [m.version for m in direct] == list(range(1, len(direct) + 1))
