@@ -10,7 +10,8 @@ Diagnostics behind the figures of throughput.py (D), each the median of 3, all m
   E  the engine with an instant store: `step_run` and `finish_run` replaced by functions that
      return at once (nothing written), 1,000 concurrent runs; the per-stage cost is
      (time for 10-stage runs - time for 1-stage runs) / 9: the engine's Python per stage.
-  F  the same with the real store: the full per-stage cost inside the engine.
+  F  the same with the real store: the full per-stage cost inside the engine; and the same
+     split of the CPU time of the event loop's thread and of the writer thread.
   W  the writer's SQL alone for 1,000 stage advances in one transaction (synchronous=FULL),
      4 ways: W1 per advance an UPDATE ... RETURNING and an executemany of its 2 journal rows
      (the store up to 923d592); W2 the same UPDATEs, but the batch's journal rows in one
@@ -37,7 +38,7 @@ import tempfile
 import time
 from typing import Any
 
-from _common import N_STAGES, PIPELINE, RUN_INPUT, emit, make_stage, median
+from _common import N_STAGES, PIPELINE, RUN_INPUT, emit, make_stage, median, thread_cpu
 
 import waystation as ws
 from waystation import migrations
@@ -103,7 +104,9 @@ async def store_alone(path: str, runs: int) -> float:
 # -- E and F: the engine, with an instant store or the real one ---------------------------
 
 
-async def engine_runs(path: str, pipeline: ws.Pipeline, runs: int, instant: bool) -> float:
+async def engine_runs(
+    path: str, pipeline: ws.Pipeline, runs: int, instant: bool
+) -> tuple[float, dict[str, float]]:
     async with ws.Engine.open(path, pipelines=[PIPELINE, ONE_STAGE]) as engine:
         if instant:
             loop = asyncio.get_running_loop()
@@ -123,6 +126,7 @@ async def engine_runs(path: str, pipeline: ws.Pipeline, runs: int, instant: bool
             engine.store.step_run = step_run  # type: ignore[method-assign]
             engine.store.finish_run = finish_run  # type: ignore[method-assign]
         active = engine._active
+        cpu0 = thread_cpu()
         t0 = time.perf_counter()
         submitted = await asyncio.gather(*(engine.submit(pipeline, RUN_INPUT) for _ in range(runs)))
         if instant:
@@ -132,21 +136,32 @@ async def engine_runs(path: str, pipeline: ws.Pipeline, runs: int, instant: bool
                     await driver.done.wait()
         else:
             await asyncio.gather(*(engine.wait(r.run_id) for r in submitted))
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        cpu1 = thread_cpu()
+        return elapsed, {k: cpu1.get(k, 0.0) - cpu0.get(k, 0.0) for k in CPU_THREADS}
+
+
+CPU_THREADS = {"MainThread": "loop", "waystation-writer": "writer"}
 
 
 async def per_stage_us(tmp: str, runs: int, instant: bool) -> dict[str, float]:
-    t10 = await engine_runs(os.path.join(tmp, "e10.db"), PIPELINE, runs, instant)
-    t1 = await engine_runs(os.path.join(tmp, "e1.db"), ONE_STAGE, runs, instant)
+    t10, cpu10 = await engine_runs(os.path.join(tmp, "e10.db"), PIPELINE, runs, instant)
+    t1, cpu1 = await engine_runs(os.path.join(tmp, "e1.db"), ONE_STAGE, runs, instant)
     for f in os.listdir(tmp):
         os.remove(os.path.join(tmp, f))
     per_stage = (t10 - t1) / ((N_STAGES - 1) * runs)
-    return {
+    out = {
         "per_stage_us": per_stage * 1e6,
         "per_run_fixed_us": (t1 / runs - per_stage) * 1e6,
         "t10_s": t10,
         "t1_s": t1,
     }
+    # The same split of each thread's CPU time (the loop's includes the harness's gather).
+    for thread, name in CPU_THREADS.items():
+        cpu_stage = (cpu10[thread] - cpu1[thread]) / ((N_STAGES - 1) * runs)
+        out[f"{name}_cpu_per_stage_us"] = cpu_stage * 1e6
+        out[f"{name}_cpu_per_run_fixed_us"] = (cpu1[thread] / runs - cpu_stage) * 1e6
+    return out
 
 
 # -- L: one run alone, split by the journal ------------------------------------------------
@@ -339,6 +354,16 @@ async def main_async(runs: int) -> None:
             f"{f_run:.0f} us/run = {f_run / N_STAGES:.1f} us/transition in 10-stage runs",
         )
     )
+    for name in CPU_THREADS.values():
+        per_stage = median([x[f"{name}_cpu_per_stage_us"] for x in f])
+        per_run = median([x[f"{name}_cpu_per_run_fixed_us"] for x in f])
+        rows.append(
+            (
+                f"F   {name} thread CPU: per stage / per run fixed",
+                "",
+                f"{per_stage:.1f} us / {per_run:.0f} us",
+            )
+        )
     for key, label in (
         ("w1_us", "W1 per advance: UPDATE..RETURNING + its 2 rows"),
         ("w2_us", "W2 per advance: UPDATE..RETURNING; rows in 1 executemany"),
