@@ -498,7 +498,6 @@ class Engine:
             if wake_at <= self.clock.time():
                 wake_at = None
         here = wake_at is None and drive
-        later = NewTransition("scheduled", payload=codec.encode({"not_before": wake_at}).decode())
         created, record = await self.store.create_run(
             NewRun(
                 run_id=rid,
@@ -514,7 +513,11 @@ class Engine:
                 wake_at=wake_at,
                 transitions=[
                     NewTransition("created", payload=p.created_payload),
-                    NewTransition("started", 0, p.stages[0].name, 1) if here else later,
+                    NewTransition("started", 0, p.stages[0].name, 1)
+                    if here
+                    else NewTransition(
+                        "scheduled", payload=codec.encode({"not_before": wake_at}).decode()
+                    ),
                 ],
             )
         )

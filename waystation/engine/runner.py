@@ -355,7 +355,7 @@ class Driver:
         self.unloadable = False
         """Set when a recovered run's stored values do not decode: leave it alone."""
         """Set when the run stopped unsettled (a failed commit): the engine retries it later."""
-        self.done = anyio.Event()
+        self.done = asyncio.Event()  # asyncio's own: anyio's costs a backend lookup per run
         self.task: asyncio.Task[None] | None = None
         """The task driving the run, once launched (it also tidies up after the run)."""
 
