@@ -11,13 +11,12 @@ import json
 import os
 import signal
 import sqlite3
-import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..processes import start_python
+from ..processes import wait_until as wait_until  # the crash tests take it from here
 
 STARTUP_TIMEOUT = 20.0
 """Bound for a workload subprocess to start and report (imports on a loaded 2-core box)."""
@@ -83,38 +82,9 @@ class Workload:
 async def spawn(tmp_path: Path, *args: str) -> Workload:
     """Start the workload with `args`; stderr goes to a file in `tmp_path` for diagnostics."""
     stderr_path = tmp_path / f"workload-{time.monotonic_ns()}.stderr"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
     with stderr_path.open("wb") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.crash.workload",
-            *args,
-            cwd=ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-        )
+        proc = await start_python("-m", "tests.crash.workload", *args, stderr=err)
     return Workload(proc, stderr_path)
-
-
-async def wait_until(
-    what: str, check: Callable[[], bool | Awaitable[bool]], timeout: float, poll: float = 0.01
-) -> None:
-    """Poll `check` until it is true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(poll)
 
 
 # -- the side file ---------------------------------------------------------------------------

@@ -78,8 +78,7 @@ from typing import Any
 import msgspec
 
 import waystation as ws
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.processes import child_env, start_python
 
 SIDE_FILE: str | None = None
 """Where the stages of this process record their executions (`configure`)."""
@@ -663,24 +662,12 @@ class Proc:
 
 
 async def spawn(stderr: Path, *args: str, sabotage: str = "") -> Proc:
-    env = dict(os.environ)
+    env = child_env()
     env.pop("SOAK_SABOTAGE", None)
     if sabotage:
         env["SOAK_SABOTAGE"] = sabotage
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
     with stderr.open("ab") as err:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tests.crash.soak_workload",
-            *args,
-            cwd=ROOT,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=err,
-        )
+        proc = await start_python("-m", "tests.crash.soak_workload", *args, env=env, stderr=err)
     return Proc(proc, stderr)
 
 

@@ -18,6 +18,8 @@ import pytest
 
 import waystation as ws
 
+from .files import journal, run_row
+
 SAFETY = 30  # seconds; a safety net against hangs, never a timing assertion
 
 
@@ -45,24 +47,6 @@ class Decision(msgspec.Struct):
 class Totals(TypedDict):
     item: str
     total: float
-
-
-def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
-    """(seq, stage_index, event, attempt, payload, error) rows of one run, in order."""
-    with closing(sqlite3.connect(db)) as conn:
-        return conn.execute(
-            "SELECT seq, stage_index, event, attempt, payload, error FROM transitions "
-            "WHERE run_id = ? ORDER BY seq",
-            (run_id,),
-        ).fetchall()
-
-
-def run_row(db: Path, run_id: str) -> dict[str, Any]:
-    with closing(sqlite3.connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        assert row is not None, f"no run row for {run_id}"
-        return dict(row)
 
 
 def succeeded_rows(db: Path, run_id: str, stage_index: int) -> list[tuple[Any, ...]]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections import Counter
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +11,9 @@ import msgspec
 import pytest
 
 import waystation as ws
+
+from . import files
+from .files import run_row
 
 
 class Expense(msgspec.Struct):
@@ -32,20 +33,7 @@ class Draft(msgspec.Struct):
 
 def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     """(seq, stage_index, event, attempt, payload) rows of one run, in order."""
-    with closing(sqlite3.connect(db)) as conn:
-        return conn.execute(
-            "SELECT seq, stage_index, event, attempt, payload FROM transitions "
-            "WHERE run_id = ? ORDER BY seq",
-            (run_id,),
-        ).fetchall()
-
-
-def run_row(db: Path, run_id: str) -> dict[str, Any]:
-    with closing(sqlite3.connect(db)) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        assert row is not None
-        return dict(row)
+    return files.journal(db, run_id, "seq, stage_index, event, attempt, payload")
 
 
 def resolve(schema: dict[str, Any]) -> dict[str, Any]:

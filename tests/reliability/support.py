@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import sqlite3
-import sys
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from .. import processes
+from ..processes import ROOT as ROOT  # test_security reads the package files from here
 
 SAFETY = 20.0
 """Upper bound of any single wait in these tests (a loaded 2-core machine included)."""
@@ -125,37 +123,16 @@ async def wait_until(
     what: str, check: Callable[[], bool | Awaitable[bool]], timeout: float = SAFETY
 ) -> None:
     """Poll `check` until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
+    await processes.wait_until(what, check, timeout, poll=0.005)
 
 
 def subprocess_env() -> dict[str, str]:
     """Environment for `python -m tests.reliability...` children: the repo importable."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return processes.child_env()
 
 
 async def spawn(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> Child:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        *args,
-        cwd=cwd,
-        env=subprocess_env() if env is None else env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    return Child(proc)
+    return Child(await processes.start_python(*args, env=env, cwd=cwd))
 
 
 class Child:

@@ -1151,30 +1151,27 @@ class _Shapes:
         sprefix: list[Any] | None = s.get("prefixItems")
         dprefix: list[Any] | None = d.get("prefixItems")
         sitems, ditems = s.get("items"), d.get("items")
+        # Which item schema meets which: position by position where either side has
+        # positions (tuples), else the one item schema of each side.
+        pairs: list[tuple[Any, Any, str]] = []
         if sprefix is not None and dprefix is not None:
             if len(sprefix) != len(dprefix) and ditems is False:
                 return f"at `{at}`, {len(sprefix)} items are not the {len(dprefix)} expected"
-            for k, (a, b) in enumerate(zip(sprefix, dprefix, strict=False)):
-                reason = self.fits(a, b, f"{at}[{k}]")
-                if reason is not None:
-                    return reason
-            return None
-        if sprefix is not None:
+            pairs = [
+                (a, b, f"{at}[{k}]") for k, (a, b) in enumerate(zip(sprefix, dprefix, strict=False))
+            ]
+        elif sprefix is not None:
             if isinstance(ditems, dict):
-                for k, a in enumerate(sprefix):
-                    reason = self.fits(a, ditems, f"{at}[{k}]")
-                    if reason is not None:
-                        return reason
-            return None
-        if dprefix is not None:
+                pairs = [(a, ditems, f"{at}[{k}]") for k, a in enumerate(sprefix)]
+        elif dprefix is not None:
             if isinstance(sitems, dict):
-                for k, b in enumerate(dprefix):
-                    reason = self.fits(sitems, b, f"{at}[{k}]")
-                    if reason is not None:
-                        return reason
-            return None
-        if isinstance(sitems, dict) and isinstance(ditems, dict):
-            return self.fits(sitems, ditems, f"{at}[]")
+                pairs = [(sitems, b, f"{at}[{k}]") for k, b in enumerate(dprefix)]
+        elif isinstance(sitems, dict) and isinstance(ditems, dict):
+            pairs = [(sitems, ditems, f"{at}[]")]
+        for a, b, where in pairs:
+            reason = self.fits(a, b, where)
+            if reason is not None:
+                return reason
         return None
 
     @staticmethod

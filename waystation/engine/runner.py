@@ -633,19 +633,7 @@ class Driver:
                 f"branch {slot.path!r}: ctx.sleep is not supported inside a parallel group; "
                 "put a sleep stage before or after the group"
             )
-            errors.append((branch.name, exc))
-            await self._commit(
-                [
-                    NewTransition(
-                        "failed",
-                        i,
-                        slot.path,
-                        self._attempt_of(slot.key),
-                        error=error_json(exc, branch, i),
-                    )
-                ]
-            )
-            return True
+            return await self._branch_failed(branch, slot, exc, errors)
         except PauseSignal as sig:
             if sig.pauses is not None:  # a child pipeline branch paused
                 pauses.extend(msgspec.structs.replace(p, stage_path=slot.path) for p in sig.pauses)
@@ -656,25 +644,23 @@ class Driver:
         except _Lost:
             raise
         except Exception as exc:
-            errors.append((branch.name, exc))
-            await self._commit(
-                [
-                    NewTransition(
-                        "failed",
-                        i,
-                        slot.path,
-                        self._attempt_of(slot.key),
-                        error=error_json(exc, branch, i),
-                    )
-                ]
-            )
-            return True
+            return await self._branch_failed(branch, slot, exc, errors)
         await self._commit(
             [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload=payload)]
         )
         results[branch.name] = value
         self.state.branch_payloads[slot.path] = payload
         return False
+
+    async def _branch_failed(
+        self, branch: Stage, slot: Slot, exc: BaseException, errors: list[tuple[str, BaseException]]
+    ) -> bool:
+        """Journal a branch's failure; True (it failed), for `_branch` to return."""
+        errors.append((branch.name, exc))
+        error = error_json(exc, branch, slot.index)
+        attempt = self._attempt_of(slot.key)
+        await self._commit([NewTransition("failed", slot.index, slot.path, attempt, error=error)])
+        return True
 
     async def _journal_retry(
         self, stage: Stage, slot: Slot, first: int, retry_state: tenacity.RetryCallState
