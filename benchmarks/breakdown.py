@@ -188,7 +188,7 @@ async def single_run_latency(path: str, runs: int) -> dict[str, float]:
         for rid, w0, w1, w2 in marks:
             at = dict(
                 conn.execute(
-                    "SELECT event, at FROM transitions WHERE run_id = ? "
+                    "SELECT event, at FROM journal WHERE run_id = ? "
                     "AND event IN ('created', 'completed')",
                     (rid,),
                 ).fetchall()

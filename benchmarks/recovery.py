@@ -106,12 +106,8 @@ async def recover(db: str, runs: int) -> dict[str, Any]:
     if bad or len(done) != runs:
         raise RuntimeError(f"{len(bad)} of {len(done)} runs did not succeed after recovery")
     with sqlite3.connect(db) as conn:
-        recovered = [
-            r[0] for r in conn.execute("SELECT at FROM transitions WHERE event = 'recovered'")
-        ]
-        completed = [
-            r[0] for r in conn.execute("SELECT at FROM transitions WHERE event = 'completed'")
-        ]
+        recovered = [r[0] for r in conn.execute("SELECT at FROM journal WHERE event = 'recovered'")]
+        completed = [r[0] for r in conn.execute("SELECT at FROM journal WHERE event = 'completed'")]
     if len(recovered) != runs:
         raise RuntimeError(f"{len(recovered)} recovered rows for {runs} runs")
     return {

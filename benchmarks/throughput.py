@@ -202,7 +202,7 @@ async def _in_run_ms_per_stage(path: str, run_ids: list[str]) -> float | None:
         spans = []
         for rid in run_ids:
             async with conn.execute(
-                "SELECT event, at FROM transitions WHERE run_id = ? "
+                "SELECT event, at FROM journal WHERE run_id = ? "
                 "AND event IN ('created', 'completed')",
                 (rid,),
             ) as cur:

@@ -851,7 +851,7 @@ def test_prune_deletes_finished_trees_older_than_a_duration(
     remaining = json.loads(cli("runs", "--json").stdout)
     assert [r["run_id"] for r in remaining] == [failed_id, paused_id]
     conn = sqlite3.connect(db)
-    journals = {r[0] for r in conn.execute("SELECT DISTINCT run_id FROM transitions")}
+    journals = {r[0] for r in conn.execute("SELECT DISTINCT run_id FROM journal")}
     conn.close()
     assert journals == {failed_id, paused_id}
 

@@ -6,7 +6,6 @@ import os
 import re
 import threading
 import time
-import uuid
 
 from .errors import WaystationError
 
@@ -16,6 +15,20 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 _lock = threading.Lock()
 _last = 0
 
+# Random bits are read from the OS a page at a time: one getrandom call per id cost more
+# than the rest of making it. A forked child must not hand out its parent's next bits.
+_POOL_IDS = 400
+_pool = b""
+_pos = 0
+
+
+def _forget_pool() -> None:
+    global _pool, _pos
+    _pool, _pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
 
 def new_run_id() -> str:
     """A new UUIDv7 (RFC 9562): 48-bit millisecond time, then random bits.
@@ -24,10 +37,13 @@ def new_run_id() -> str:
     millisecond as the previous one is that one plus a random step, so ids sort in
     creation order, which listing and paging rely on.
     """
-    global _last
+    global _last, _pool, _pos
     ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
     with _lock:
+        if _pos >= len(_pool):
+            _pool, _pos = os.urandom(10 * _POOL_IDS), 0
+        rand = int.from_bytes(_pool[_pos : _pos + 10], "big")
+        _pos += 10
         if ms <= _last >> 80:
             value = _last + 1 + (rand & 0xFFFF)
             value |= 0b10 << 62  # keep the variant bits after the carry
@@ -38,7 +54,8 @@ def new_run_id() -> str:
             value |= 0b10 << 62
             value |= rand & ((1 << 61) - 1)
         _last = value
-    return str(uuid.UUID(int=value))
+    h = f"{value:032x}"  # uuid.UUID(int=value) formats the same, three times slower
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def check_run_id(run_id: str) -> str:

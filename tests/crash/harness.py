@@ -124,5 +124,5 @@ def integrity(db: Path) -> list[tuple[Any, ...]]:
 
 def committed_stages(db: Path) -> set[tuple[str, int]]:
     """(run_id, stage_index) of every `succeeded` row in the journal."""
-    rows = query(db, "SELECT run_id, stage_index FROM transitions WHERE event = 'succeeded'")
+    rows = query(db, "SELECT run_id, stage_index FROM journal WHERE event = 'succeeded'")
     return {(r, i) for r, i in rows}

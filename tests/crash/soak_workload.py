@@ -840,7 +840,7 @@ class Soak:
         self.check_rows(f"after kill {report.kills}")
         done = query(
             self.db,
-            "SELECT run_id, stage_path, attempt, event FROM transitions "
+            "SELECT run_id, stage_path, attempt, event FROM journal "
             "WHERE event IN ('succeeded', 'retrying', 'failed')",
         )
         concluded = {(r, p, a) for r, p, a, _ in done}
@@ -875,21 +875,21 @@ class Soak:
         bad = query(
             self.db,
             "SELECT r.run_id, r.seq, t.top, t.n FROM runs r LEFT JOIN "
-            "(SELECT run_id, max(seq) AS top, count(*) AS n FROM transitions GROUP BY run_id) t "
+            "(SELECT run_id, max(seq) AS top, count(*) AS n FROM journal GROUP BY run_id) t "
             "ON t.run_id = r.run_id WHERE t.top IS NULL OR r.seq != t.top OR t.top != t.n",
         )
         for run_id, seq, top, n in bad:
             self.anomaly(f"{when}: {run_id} runs.seq {seq}, journal max {top} of {n} rows")
         twice = query(
             self.db,
-            "SELECT run_id, stage_path, count(*) FROM transitions WHERE event = 'succeeded' "
+            "SELECT run_id, stage_path, count(*) FROM journal WHERE event = 'succeeded' "
             "GROUP BY run_id, stage_path HAVING count(*) > 1",
         )
         for run_id, path, n in twice:
             self.anomaly(f"{run_id} {path}: {n} `succeeded` rows")
         orphans = query(
             self.db,
-            "SELECT DISTINCT run_id FROM transitions WHERE run_id NOT IN (SELECT run_id FROM runs)",
+            "SELECT DISTINCT run_id FROM journal WHERE run_id NOT IN (SELECT run_id FROM runs)",
         )
         for (run_id,) in orphans:
             self.anomaly(f"{when}: journal rows for {run_id}, which has no runs row")
@@ -1072,7 +1072,7 @@ class Soak:
         for row in query(
             self.db,
             "SELECT run_id, seq, stage_index, stage_path, event, attempt, payload "
-            "FROM transitions ORDER BY run_id, seq",
+            "FROM journal ORDER BY run_id, seq",
         ):
             journal[row[0]].append(row)
         children: dict[str, list[str]] = collections.defaultdict(list)

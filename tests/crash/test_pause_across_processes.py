@@ -378,7 +378,9 @@ async def test_answer_recorded_without_pipeline_then_worker_continues(tmp_path: 
     )
     assert late["error"] == "NotPaused", late
     rows = query(
-        db, "SELECT event, payload FROM transitions WHERE run_id = ? AND stage_index = 1", (run_id,)
+        db,
+        "SELECT event, payload FROM journal WHERE run_id = ? AND stage_index = 1 ORDER BY seq",
+        (run_id,),
     )
     assert [e for e, _ in rows] == ["started", "paused", "resumed"]
     assert json.loads(rows[2][1]) == {"approved": True, "by": "web"}

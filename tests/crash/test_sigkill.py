@@ -63,12 +63,12 @@ def snapshot_after_kill(db: Path, side: Path, pid: int) -> Kill:
     for run_id, (status, index, owner) in runs.items():
         ((seq,),) = query(db, "SELECT seq FROM runs WHERE run_id = ?", (run_id,))
         ((last, rows),) = query(
-            db, "SELECT max(seq), count(*) FROM transitions WHERE run_id = ?", (run_id,)
+            db, "SELECT max(seq), count(*) FROM journal WHERE run_id = ?", (run_id,)
         )
         assert seq == last == rows, f"{run_id}: runs.seq {seq}, journal max {last} of {rows}"
         ((done,),) = query(
             db,
-            "SELECT count(*) FROM transitions WHERE run_id = ? AND event = 'succeeded'",
+            "SELECT count(*) FROM journal WHERE run_id = ? AND event = 'succeeded'",
             (run_id,),
         )
         assert done == index, f"{run_id} ({status}) is at stage {index} with {done} results"
@@ -370,7 +370,7 @@ async def kill_during_backoff_then_recover(tmp_path: Path) -> RetryOutcome:
             lambda: bool(
                 query(
                     db,
-                    "SELECT 1 FROM transitions WHERE event = 'retrying' AND run_id = ?",
+                    "SELECT 1 FROM journal WHERE event = 'retrying' AND run_id = ?",
                     (run_id,),
                 )
             ),
@@ -383,7 +383,7 @@ async def kill_during_backoff_then_recover(tmp_path: Path) -> RetryOutcome:
     assert integrity(db) == [("ok",)]
     before = [int(w[3]) for w in side_lines(side) if w[1] == "flaky"]
     retrying = query(
-        db, "SELECT attempt FROM transitions WHERE run_id = ? AND event = 'retrying'", (run_id,)
+        db, "SELECT attempt FROM journal WHERE run_id = ? AND event = 'retrying'", (run_id,)
     )
     assert retrying == [(1,)], "the kill was meant to land in the first backoff"
 

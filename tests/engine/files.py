@@ -14,7 +14,7 @@ def journal(db: Path, run_id: str, columns: str = JOURNAL_COLUMNS) -> list[tuple
     """The `columns` of one run's journal rows, in order."""
     with closing(sqlite3.connect(db)) as conn:
         return conn.execute(
-            f"SELECT {columns} FROM transitions WHERE run_id = ? ORDER BY seq", (run_id,)
+            f"SELECT {columns} FROM journal WHERE run_id = ? ORDER BY seq", (run_id,)
         ).fetchall()
 
 

@@ -975,11 +975,11 @@ async def test_many_concurrent_runs(db: Path) -> None:
     assert len({r.run_id for r in runs}) == n_runs
     with closing(sqlite3.connect(db)) as conn:
         counts = conn.execute(
-            "SELECT run_id, stage_index, COUNT(*) FROM transitions WHERE event = 'succeeded' "
+            "SELECT run_id, stage_index, COUNT(*) FROM journal WHERE event = 'succeeded' "
             "GROUP BY run_id, stage_index"
         ).fetchall()
         bad = conn.execute(
-            "SELECT COUNT(*) FROM transitions WHERE event IN ('failed', 'retrying', 'recovered')"
+            "SELECT COUNT(*) FROM journal WHERE event IN ('failed', 'retrying', 'recovered')"
         ).fetchone()[0]
         statuses = conn.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
     assert len(counts) == n_runs * 5

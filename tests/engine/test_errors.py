@@ -81,7 +81,7 @@ def read_file(path: Path) -> str:
 def table_counts(db: Path) -> tuple[int, int]:
     with closing(sqlite3.connect(db)) as conn:
         runs = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-        transitions = conn.execute("SELECT COUNT(*) FROM transitions").fetchone()[0]
+        transitions = conn.execute("SELECT COUNT(*) FROM journal").fetchone()[0]
         return int(runs), int(transitions)
 
 

@@ -299,7 +299,7 @@ def _fast_branches_committed(db: Path, side: Path) -> Callable[[str], bool]:
         lines = side.read_text().splitlines() if side.exists() else []
         with sqlite3.connect(db) as conn:
             done = conn.execute(
-                "SELECT COUNT(*) FROM transitions WHERE run_id = ? AND event = 'succeeded'",
+                "SELECT COUNT(*) FROM journal WHERE run_id = ? AND event = 'succeeded'",
                 (run_id,),
             ).fetchone()[0]
         return len(lines) >= 4 and done >= 2

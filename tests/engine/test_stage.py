@@ -26,7 +26,7 @@ class Decision(msgspec.Struct):
 def events(db: Path, run_id: str) -> list[tuple[int | None, str]]:
     with closing(sqlite3.connect(db)) as conn:
         return conn.execute(
-            "SELECT stage_index, event FROM transitions WHERE run_id = ? ORDER BY seq", (run_id,)
+            "SELECT stage_index, event FROM journal WHERE run_id = ? ORDER BY seq", (run_id,)
         ).fetchall()
 
 

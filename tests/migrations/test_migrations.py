@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
 from waystation import NotAWaystationDatabase, SchemaTooNew, StoreError, migrations
+from waystation.store.base import NewTransition
+from waystation.store.sqlite import SQLiteStore
 
 
 def _conn(path: Path) -> sqlite3.Connection:
@@ -63,3 +66,59 @@ def test_migrations_read_through_importlib_resources_too(monkeypatch: pytest.Mon
     monkeypatch.setattr(migrations.os.path, "isdir", lambda path: False)
     assert migrations.migrations("sqlite") == direct
     assert [m.version for m in direct] == list(range(1, len(direct) + 1))
+
+
+async def test_a_journal_written_before_folded_rows_reads_the_same_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = tmp_path / "old.db"
+    every = migrations.migrations("sqlite")
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:2])
+        conn = _conn(db)
+        migrations.apply(conn)
+    old = [
+        ("created", None, None, 0, None),
+        ("started", 0, "a", 1, None),
+        ("succeeded", 0, "a", 1, "1"),
+        ("started", 1, "b", 1, None),
+    ]
+    conn.execute(
+        "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, seq, "
+        "stage_index, root_run_id, lease_owner, created_at, updated_at) "
+        "VALUES ('r', 'p', '1', 'f', 'running', 4, 1, 'r', 'me', 1, 1)"
+    )
+    conn.executemany(
+        "INSERT INTO transitions (run_id, seq, stage_index, stage_path, event, attempt, "
+        "payload, at) VALUES ('r', ?, ?, ?, ?, ?, ?, 1)",
+        [
+            (seq, i, path, event, attempt, payload)
+            for seq, (event, i, path, attempt, payload) in enumerate(old, 1)
+        ],
+    )
+    conn.close()
+
+    store = SQLiteStore(db)
+    await store.open()  # applies 0003
+    try:
+        shape = [
+            (t.seq, t.event, t.stage_index, t.stage_path, t.attempt, t.payload)
+            for t in await store.history("r")
+        ]
+        assert shape == [(seq, e, i, p, a, pl) for seq, (e, i, p, a, pl) in enumerate(old, 1)]
+        step = [
+            NewTransition("succeeded", 1, "b", 1, payload="2"),
+            NewTransition("started", 2, "c", 1),
+        ]
+        assert await store.step_run("r", "me", 4, 2, step) == 6
+        after = await store.history("r", after_seq=4)
+        assert [(t.seq, t.event, t.stage_path) for t in after] == [
+            (5, "succeeded", "b"),
+            (6, "started", "c"),
+        ]
+        assert await store.count_stage_executions("r") == 3
+    finally:
+        await store.close()
+    with closing(_conn(db)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM transitions").fetchone() == (5,)
+        assert conn.execute("SELECT COUNT(*) FROM journal").fetchone() == (6,)

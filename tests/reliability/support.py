@@ -51,7 +51,7 @@ def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     """(seq, stage_index, event, attempt, payload, error) of one run, in seq order."""
     return query(
         db,
-        "SELECT seq, stage_index, event, attempt, payload, error FROM transitions "
+        "SELECT seq, stage_index, event, attempt, payload, error FROM journal "
         "WHERE run_id = ? ORDER BY seq",
         (run_id,),
     )
@@ -63,7 +63,7 @@ def events(db: Path, run_id: str) -> list[tuple[str, int | None]]:
 
 def count_events(db: Path, run_id: str, event: str) -> int:
     ((n,),) = query(
-        db, "SELECT COUNT(*) FROM transitions WHERE run_id = ? AND event = ?", (run_id, event)
+        db, "SELECT COUNT(*) FROM journal WHERE run_id = ? AND event = ?", (run_id, event)
     )
     return int(n)
 
@@ -87,8 +87,7 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     done = collections.Counter(
         query(
             db,
-            "SELECT stage_index, stage_path FROM transitions "
-            "WHERE run_id = ? AND event = 'succeeded'",
+            "SELECT stage_index, stage_path FROM journal WHERE run_id = ? AND event = 'succeeded'",
             (run_id,),
         )
     )

@@ -67,8 +67,8 @@ async def test_creates_in_one_batch_report_existing_runs(db: Path, clash: str) -
         assert results[100][1].run_id == "old"
         assert all(record.seq == 2 for created, record in results if created)
         assert _rows(db, "SELECT COUNT(*) FROM runs")[0][0] == 301
-        assert _rows(db, "SELECT COUNT(*) FROM transitions")[0][0] == 2 * 301
-        assert _rows(db, "SELECT COUNT(*) FROM transitions WHERE run_id = 'new-id'")[0][0] == 0
+        assert _rows(db, "SELECT COUNT(*) FROM journal")[0][0] == 2 * 301
+        assert _rows(db, "SELECT COUNT(*) FROM journal WHERE run_id = 'new-id'")[0][0] == 0
     finally:
         await store.close()
 
@@ -200,5 +200,82 @@ async def test_a_batch_keeps_queue_order_around_other_writes(
         outcome = dict(zip(names, results, strict=True))
         assert outcome["a"] == (None if cancel_first else 4)
         assert outcome.get("b", 4) == 4
+    finally:
+        await store.close()
+
+
+# -- folded journal rows (migration 0003) ------------------------------------------------------
+
+
+async def test_a_stage_commit_is_one_stored_row_read_back_as_two(db: Path) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        await store.create_run(_run("r"))  # created + started a: one row
+        step = [
+            NewTransition("succeeded", 0, "a", 1, payload="1"),
+            NewTransition("started", 1, "b", 1),
+        ]
+        assert await store.step_run("r", "me", 2, 1, step) == 4
+        # Not folded: a `started` with a payload (a branch's marker), a retry's `started` of
+        # the same stage, and a `started` after a failure (an error of its own comes first).
+        retry = [
+            NewTransition("retrying", 1, "b", 1, error='{"e": 1}'),
+            NewTransition("started", 1, "b", 2),
+            NewTransition("started", 2, "c", 1, payload='"marker"'),
+        ]
+        assert await store.update_run("r", Guard(("running",)), retry) == 7
+        end = [NewTransition("succeeded", 2, "c", 1, payload="3"), NewTransition("completed", 3)]
+        assert await store.finish_run("r", "me", 7, 3, end, "3") is not None
+        logical = await store.history("r")
+        expected = [
+            ("created", None, None, 0, None, None),
+            ("started", 0, "a", 1, None, None),
+            *[(t.event, t.stage_index, t.stage_path, t.attempt, t.payload, t.error) for t in step],
+            *[(t.event, t.stage_index, t.stage_path, t.attempt, t.payload, t.error) for t in retry],
+            *[(t.event, t.stage_index, t.stage_path, t.attempt, t.payload, t.error) for t in end],
+        ]
+        assert [
+            (t.event, t.stage_index, t.stage_path, t.attempt, t.payload, t.error) for t in logical
+        ] == expected
+        assert [t.seq for t in logical] == list(range(1, 10))
+        # Stored: created+started, succeeded+started, retrying, started (attempt 2),
+        # started (marker), succeeded+completed.
+        assert _rows(db, "SELECT COUNT(*) FROM transitions WHERE run_id = 'r'") == [(6,)]
+        view = _rows(db, "SELECT * FROM journal WHERE run_id = 'r' ORDER BY seq")
+        assert view == [
+            (
+                t.run_id,
+                t.seq,
+                t.stage_index,
+                t.stage_path,
+                t.event,
+                t.attempt,
+                t.payload,
+                t.error,
+                t.at,
+            )
+            for t in logical
+        ]
+        assert await store.count_stage_executions("r") == 5  # 4 started + 1 retrying
+
+        # Every cursor position, and every page size, reads the same rows after it.
+        for k, t in enumerate(logical):
+            assert [x.seq for x in await store.history("r", after_seq=t.seq)] == list(
+                range(t.seq + 1, 10)
+            )
+            cursor = (t.at, t.run_id, t.seq)
+            rest = await store.transitions_since(cursor, run_id="r", limit=100)
+            assert rest == logical[k + 1 :]
+        for limit in (1, 2, 3):
+            pages: list[Any] = []
+            cursor = (0.0, "", 0)
+            while True:
+                page = await store.transitions_since(cursor, limit=limit)
+                pages += page
+                if len(page) < limit:
+                    break
+                cursor = (page[-1].at, page[-1].run_id, page[-1].seq)
+            assert pages == logical, limit
     finally:
         await store.close()

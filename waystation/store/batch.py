@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
-from .base import NewRun, NewTransition
+from .base import NewRun, NewTransition, TransitionRecord
 
 RUN_FIELDS = (
     "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
@@ -27,6 +27,11 @@ RUN_FIELDS = (
     "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
 )
 TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
+STORED_FIELDS = TRANSITION_FIELDS + ", next_event, next_path, next_attempt"
+"""A stored journal row: a transition, and the one folded into it (see `append`)."""
+
+FOLDED = frozenset({"started", "completed"})
+"""Events a row may carry for the row after it (migration 0003)."""
 
 Rows = list[tuple[Any, ...]]
 
@@ -56,17 +61,47 @@ def _sized(template: str, width: int) -> dict[int, str]:
     return {n: template.format(values=_values(width, n)) for n in CHUNKS}
 
 
-_INSERT_ROWS = _sized(f"INSERT INTO transitions ({TRANSITION_FIELDS}) VALUES {{values}}", 9)
+_INSERT_ROWS = _sized(f"INSERT INTO transitions ({STORED_FIELDS}) VALUES {{values}}", 12)
 
 
 def append(
     rows: Rows, run_id: str, first_seq: int, transitions: Sequence[NewTransition], now: float
 ) -> None:
-    """Add `transitions` as journal rows numbered from `first_seq + 1`."""
+    """Add `transitions` as journal rows numbered from `first_seq + 1`.
+
+    A `started` or `completed` transition with nothing of its own (no payload, no error),
+    for the stage after the one of the transition before it, is folded into that one's row:
+    a stage commit then inserts one row, not two. `expand` gives it back unchanged.
+    """
     seq = first_seq
+    last: tuple[Any, ...] | None = None  # this write's last row, if nothing is folded into it
     for event, stage_index, stage_path, attempt, payload, error in transitions:
         seq += 1
-        rows.append((run_id, seq, stage_index, stage_path, event, attempt, payload, error, now))
+        if (
+            last is not None
+            and event in FOLDED
+            and payload is None
+            and error is None
+            and stage_index == (0 if last[2] is None else last[2] + 1)
+        ):
+            rows[-1] = (*last[:9], event, stage_path, attempt)
+            last = None
+            continue
+        last = (run_id, seq, stage_index, stage_path, event, attempt, payload, error, now)
+        rows.append((*last, None, None, None))
+
+
+def expand(rows: Sequence[Sequence[Any]]) -> list[TransitionRecord]:
+    """Stored rows (`STORED_FIELDS`) as the transitions they hold, in order."""
+    out = []
+    for r in rows:
+        out.append(TransitionRecord(*r[:9]))
+        if r[9] is not None:
+            index = 0 if r[2] is None else r[2] + 1
+            out.append(
+                TransitionRecord(r[0], r[1] + 1, index, r[10], r[9], r[11], None, None, r[8])
+            )
+    return out
 
 
 def insert_rows(conn: sqlite3.Connection, rows: Rows) -> None:

@@ -584,7 +584,8 @@ class SQLiteStore:
         limit: int = 500,
     ) -> list[TransitionRecord]:
         at, rid, seq = after
-        where = "(at, run_id, seq) > (?, ?, ?)"
+        # From the row at `seq` itself: what is folded into it comes after `seq`.
+        where = "(at, run_id, seq) >= (?, ?, ?)"
         params: list[Any] = [at, rid, seq]
         if run_id is not None:
             where += " AND run_id = ?"
@@ -592,13 +593,15 @@ class SQLiteStore:
         if root_run_id is not None:
             where += " AND run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)"
             params.append(root_run_id)
-        params.append(limit)
+        # One stored row more than asked: the row at the cursor may give nothing after it,
+        # and a short page must mean the end of the journal (followers treat it so).
+        params.append(limit + 1)
         rows = await self._read(
-            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE {where} "
+            f"SELECT {batched.STORED_FIELDS} FROM transitions WHERE {where} "
             "ORDER BY at, run_id, seq LIMIT ?",
             params,
         )
-        return [_transition(r) for r in rows]
+        return [t for t in batched.expand(rows) if (t.at, t.run_id, t.seq) > after][:limit]
 
     async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
         rows = await self._read(
@@ -620,19 +623,20 @@ class SQLiteStore:
 
     async def count_stage_executions(self, root_run_id: str) -> int:
         row = await self._read_one(
-            "SELECT COUNT(*) FROM transitions WHERE event IN ('started', 'retrying') AND "
-            "run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)",
+            "SELECT SUM((event IN ('started', 'retrying')) + (next_event IS 'started')) "
+            "FROM transitions WHERE run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)",
             (root_run_id,),
         )
-        return int(row[0]) if row else 0
+        return int(row[0]) if row and row[0] is not None else 0
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         rows = await self._read(
-            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ? AND seq > ? "
+            # From the row at `after_seq`: what is folded into it comes after it.
+            f"SELECT {batched.STORED_FIELDS} FROM transitions WHERE run_id = ? AND seq >= ? "
             "ORDER BY seq",
             (run_id, after_seq),
         )
-        return [_transition(r) for r in rows]
+        return [t for t in batched.expand(rows) if t.seq > after_seq]
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         rows = await self._read(
