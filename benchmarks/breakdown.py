@@ -17,7 +17,9 @@ Diagnostics behind the figures of throughput.py (D), each the median of 3, all m
      (the store up to 923d592); W2 the same UPDATEs, but the batch's journal rows in one
      executemany (the store from 869130a); W3 one executemany of guarded UPDATEs (guard on
      seq) and one of all journal rows; W4 one executemany of one journal row per stage and
-     no `runs` update at all (fencing would come from the journal's primary key).
+     no `runs` update at all (fencing would come from the journal's primary key); W5 the
+     store's own statements now (`batch.Step.apply_many`: multi-row guarded UPDATEs, then
+     the journal rows, the next stage's `started` folded into each stage's row).
   L  one run alone (as throughput.py's C): how long `submit` takes (the create commit), the
      journal's created..completed span (the 10 stage commits), and from the last commit
      (`completed` row's time) until `wait` returned.
@@ -42,6 +44,7 @@ from _common import N_STAGES, PIPELINE, RUN_INPUT, emit, make_stage, median, thr
 
 import waystation as ws
 from waystation import migrations
+from waystation.store import batch as batched
 from waystation.store.base import NewRun, NewTransition
 
 ONE_STAGE = ws.Pipeline("bench1", [make_stage(0)], version="1")
@@ -246,7 +249,7 @@ def writer_sql(path: str, runs: int) -> dict[str, float]:
         "UPDATE runs SET seq = seq + 2, updated_at = ?, stage_index = ? WHERE run_id = ? "
         "AND seq = ? AND status = 'running' AND lease_owner = ? AND cancel_requested = 0"
     )
-    variants = ("w1_us", "w2_us", "w3_us", "w4_us")
+    variants = ("w1_us", "w2_us", "w3_us", "w4_us", "w5_us")
     times: dict[str, list[float]] = {v: [] for v in variants}
     seq = 2
     for i in range(len(variants) * TRIALS):
@@ -277,6 +280,24 @@ def writer_sql(path: str, runs: int) -> dict[str, float]:
                 trs.append((rid, seq + 1, i, f"s{i}", "succeeded", 1, str(i), None, t))
                 trs.append((rid, seq + 2, i + 1, f"s{i + 1}", "started", 1, None, None, t))
             conn.executemany(insert, trs)
+            seq += 2
+        elif variant == "w5_us":  # what the store runs for a batch of stage commits now
+            ops = [
+                batched.Step(
+                    rid,
+                    owner,
+                    seq,
+                    i + 1,
+                    [
+                        NewTransition("succeeded", i, f"s{i}", 1, payload=str(i)),
+                        NewTransition("started", i + 1, f"s{i + 1}", 1),
+                    ],
+                )
+                for rid in ids
+            ]
+            journal: list[tuple[Any, ...]] = []
+            batched.Step.apply_many(conn, ops, t, journal)
+            batched.insert_rows(conn, journal)
             seq += 2
         else:  # one journal row per stage, no runs UPDATE (fencing by the journal's key)
             conn.executemany(
@@ -369,6 +390,7 @@ async def main_async(runs: int) -> None:
         ("w2_us", "W2 per advance: UPDATE..RETURNING; rows in 1 executemany"),
         ("w3_us", "W3 per batch: executemany UPDATE + executemany rows"),
         ("w4_us", "W4 per batch: 1 journal row per stage, no UPDATE"),
+        ("w5_us", "W5 per batch, the store now: multi-row UPDATE + folded rows"),
     ):
         v = median([x[key] for x in w])
         report(
