@@ -10,7 +10,9 @@ prints, over the middle of the measurement:
   - batch sizes;
   - per statement kind on the writer: wall time against CPU time. Every statement gives
     the GIL away while SQLite works and must win it back; wall well above CPU is time
-    spent waiting for the GIL (or for the disk, on COMMIT).
+    spent waiting for the GIL (or for the disk, on COMMIT);
+  - the garbage collector: collections per generation and the time they took, over the
+    whole measurement (`gc.callbacks`).
 It patches private methods of the store (`_Writer._commit`, the writer's connection) and
 the selector, so if those change this script says so rather than measuring nothing.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import gc
 import os
 import selectors
 import shutil
@@ -76,6 +79,15 @@ async def trial() -> dict[str, Any]:
         finally:
             idle.append((start, time.perf_counter()))
 
+    collections_gc: dict[int, list[float]] = collections.defaultdict(list)
+    gc_start = [0.0]
+
+    def gc_timer(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            collections_gc[info["generation"]].append(time.perf_counter() - gc_start[0])
+
     store_sqlite._Writer._commit = timed_commit  # type: ignore[method-assign]
     store_sqlite._Writer.__init__ = timed_init  # type: ignore[method-assign]
     selectors.EpollSelector.select = timed_select  # type: ignore[method-assign]
@@ -87,6 +99,7 @@ async def trial() -> dict[str, Any]:
             warm = await asyncio.gather(*(engine.submit(PIPELINE, RUN_INPUT) for _ in range(50)))
             await asyncio.gather(*(engine.wait(r.run_id) for r in warm))
             statements.clear()
+            gc.callbacks.append(gc_timer)
             cpu0, t0, first = thread_cpu(), time.perf_counter(), len(batches)
             for _ in range(WAVES):
                 runs = await asyncio.gather(
@@ -94,6 +107,7 @@ async def trial() -> dict[str, Any]:
                 )
                 await asyncio.gather(*(engine.wait(r.run_id) for r in runs))
             elapsed, cpu1 = time.perf_counter() - t0, thread_cpu()
+            gc.callbacks.remove(gc_timer)
     finally:
         store_sqlite._Writer._commit = commit  # type: ignore[method-assign]
         store_sqlite._Writer.__init__ = init  # type: ignore[method-assign]
@@ -123,6 +137,13 @@ async def trial() -> dict[str, Any]:
         "loop_idle": sum(e - s for s, e in loop_idle) / wall,
         "writer_busy_while_loop_idle": overlap(busy, loop_idle) / wall,
         "batch_sizes": [n for _, _, n, _ in window[:8]],
+        "gc": {
+            "share_of_wall": sum(sum(v) for v in collections_gc.values()) / elapsed,
+            "by_generation": {
+                g: {"count": len(v), "ms_total": round(sum(v) * 1e3, 1)}
+                for g, v in sorted(collections_gc.items())
+            },
+        },
         "statements": {
             kind: {
                 "count": len(v),
@@ -151,6 +172,11 @@ def main() -> None:
             f"{r['writer_on_cpu']:.0%}); loop idle {r['loop_idle']:.0%}; both at once "
             f"{r['writer_busy_while_loop_idle']:.0%}; batch sizes {r['batch_sizes']}"
         )
+        gens = ", ".join(
+            f"gen {g}: {v['count']} in {v['ms_total']} ms"
+            for g, v in r["gc"]["by_generation"].items()
+        )
+        print(f"  garbage collection {r['gc']['share_of_wall']:.0%} of the wall time ({gens})")
         for kind, s in sorted(r["statements"].items(), key=lambda kv: -kv[1]["wall_ms_total"]):
             print(
                 f"  {kind:<24} x{s['count']:<6} wall {s['wall_ms_total']:7.1f} ms "
