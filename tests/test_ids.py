@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 import uuid
 
+from waystation import _ids
 from waystation._ids import new_run_id
 
 
@@ -35,3 +38,23 @@ def test_a_forked_child_does_not_reuse_the_parents_random_bits() -> None:
     assert len(child) == 5
     # The time part may match (same millisecond); the random tails must not.
     assert not {c[-12:] for c in child} & {p[-12:] for p in parent}
+
+
+def test_a_child_forked_while_the_lock_is_held_can_make_ids() -> None:
+    # Another thread of the parent is inside new_run_id at the moment of the fork: the
+    # child inherits the lock held, by a thread it does not have.
+    with _ids._lock:
+        pid = os.fork()
+        if pid == 0:
+            new_run_id()
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("the child hung on the lock it inherited")

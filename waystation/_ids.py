@@ -22,12 +22,17 @@ _pool = b""
 _pos = 0
 
 
-def _forget_pool() -> None:
-    global _pool, _pos
+def _after_fork_in_child() -> None:
+    """A forked child starts afresh: its own random bits (not its parent's next ones), its
+    own monotonic sequence (else parent and child ids of one millisecond would differ only
+    by a 16-bit step), and a fresh lock (the parent may have forked while holding it)."""
+    global _lock, _last, _pool, _pos
+    _lock = threading.Lock()
+    _last = 0
     _pool, _pos = b"", 0
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def new_run_id() -> str:
