@@ -1,6 +1,6 @@
 """Do the event loop and the writer thread work at the same time? (D, 1,000 concurrent runs)
 
-    .venv/bin/python benchmarks/overlap.py [--trials 3]
+    .venv/bin/python benchmarks/overlap.py [--trials 3] [--gc-freeze]
 
 Instruments one D wave series (as throughput.py's D: 1,000 runs x 10 stages x 5 waves) and
 prints, over the middle of the measurement:
@@ -12,7 +12,9 @@ prints, over the middle of the measurement:
     the GIL away while SQLite works and must win it back; wall well above CPU is time
     spent waiting for the GIL (or for the disk, on COMMIT);
   - the garbage collector: collections per generation and the time they took, over the
-    whole measurement (`gc.callbacks`).
+    whole measurement (`gc.callbacks`). With `--gc-freeze`, `gc.freeze()` is called after
+    the engine is open and warm, as an application could after its start-up: what the
+    full collections of the process's own objects cost D.
 It patches private methods of the store (`_Writer._commit`, the writer's connection) and
 the selector, so if those change this script says so rather than measuring nothing.
 """
@@ -57,7 +59,7 @@ class _TimedConnection:
         return result
 
 
-async def trial() -> dict[str, Any]:
+async def trial(freeze: bool = False) -> dict[str, Any]:
     batches: list[tuple[float, float, int, float]] = []
     idle: list[tuple[float, float]] = []
     statements: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
@@ -99,6 +101,9 @@ async def trial() -> dict[str, Any]:
             warm = await asyncio.gather(*(engine.submit(PIPELINE, RUN_INPUT) for _ in range(50)))
             await asyncio.gather(*(engine.wait(r.run_id) for r in warm))
             statements.clear()
+            if freeze:
+                gc.collect()
+                gc.freeze()
             gc.callbacks.append(gc_timer)
             cpu0, t0, first = thread_cpu(), time.perf_counter(), len(batches)
             for _ in range(WAVES):
@@ -109,6 +114,7 @@ async def trial() -> dict[str, Any]:
             elapsed, cpu1 = time.perf_counter() - t0, thread_cpu()
             gc.callbacks.remove(gc_timer)
     finally:
+        gc.unfreeze()
         store_sqlite._Writer._commit = commit  # type: ignore[method-assign]
         store_sqlite._Writer.__init__ = init  # type: ignore[method-assign]
         selectors.EpollSelector.select = select  # type: ignore[method-assign]
@@ -159,9 +165,17 @@ async def trial() -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once warm")
     args = parser.parse_args()
     for k in range(args.trials):
-        r = emit({"bench": "overlap", "trial": k + 1, **asyncio.run(trial())})
+        r = emit(
+            {
+                "bench": "overlap",
+                "trial": k + 1,
+                "gc_freeze": args.gc_freeze,
+                **asyncio.run(trial(args.gc_freeze)),
+            }
+        )
         print(
             f"\ntrial {k + 1}: {r['transitions_per_s']:,.0f} tr/s; CPU us/transition: "
             f"loop {r['cpu_us_per_transition']['event_loop']}, "
