@@ -202,6 +202,20 @@ class Create:
         return [(True, v) for v in values]
 
 
+# A step's guard: the run is running, leased by the driver, not asked to cancel, and its
+# journal at the position the driver expects. `_ONE` for a single statement (parameters
+# ?2 run id, ?5 owner, ?6 expected seq); `_MANY` for rows of a VALUES list `v`.
+_GUARD_ONE = (
+    "WHERE run_id = ?2 AND status = 'running' AND lease_owner = ?5 AND seq = ?6 "
+    "AND cancel_requested = 0"
+)
+_GUARD_MANY = (
+    "FROM (VALUES {values}) AS v WHERE runs.run_id = v.column1 "
+    "AND runs.status = 'running' AND runs.lease_owner = v.column4 "
+    "AND runs.seq = v.column5 AND runs.cancel_requested = 0"
+)
+
+
 class Step:
     """A running run's move to its next stage, guarded by its owner and its journal
     position (and no cancel asked). Result: the new seq, or None if the guard failed."""
@@ -211,14 +225,10 @@ class Step:
     # `_one` numbers its parameters as `_many` orders its VALUES columns (after the commit
     # time): one `_params` serves both.
     _one: ClassVar[str] = (
-        "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4 WHERE run_id = ?2 "
-        "AND status = 'running' AND lease_owner = ?5 AND seq = ?6 AND cancel_requested = 0"
+        "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4 " + _GUARD_ONE
     )
     _many: ClassVar[dict[int, str]] = _sized(
-        "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3 "
-        "FROM (VALUES {values}) AS v WHERE runs.run_id = v.column1 "
-        "AND runs.status = 'running' AND runs.lease_owner = v.column4 "
-        "AND runs.seq = v.column5 AND runs.cancel_requested = 0",
+        "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3 " + _GUARD_MANY,
         5,
     )
 
@@ -274,15 +284,12 @@ class Finish(Step):
 
     _one: ClassVar[str] = (
         "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4, status = 'succeeded', "
-        "output = ?7, lease_owner = NULL, lease_expires = NULL WHERE run_id = ?2 "
-        "AND status = 'running' AND lease_owner = ?5 AND seq = ?6 AND cancel_requested = 0"
+        "output = ?7, lease_owner = NULL, lease_expires = NULL " + _GUARD_ONE
     )
     _many: ClassVar[dict[int, str]] = _sized(
         "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3, "
         "status = 'succeeded', output = v.column6, lease_owner = NULL, lease_expires = NULL "
-        "FROM (VALUES {values}) AS v WHERE runs.run_id = v.column1 "
-        "AND runs.status = 'running' AND runs.lease_owner = v.column4 "
-        "AND runs.seq = v.column5 AND runs.cancel_requested = 0",
+        + _GUARD_MANY,
         6,
     )
 
