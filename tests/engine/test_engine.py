@@ -931,6 +931,112 @@ async def test_cancel_unknown_run(db: Path) -> None:
             await engine.cancel("no-such-run")
 
 
+# -- a cancel that arrives while a stage's commit is in flight ------------------------------
+
+
+def cancel_soon(engine: ws.Engine, run_id: str, cancels: list[asyncio.Task[ws.Run]]) -> None:
+    """Ask to cancel `run_id` in the event loop's next pass: called by a stage as its last
+    act, the cancel lands while the driver awaits the commit of that stage."""
+    cancels.append(asyncio.get_running_loop().create_task(engine.cancel(run_id)))
+
+
+@pytest.mark.parametrize("how", ["started", "resumed"])
+async def test_a_cancel_during_a_stage_commit_is_journaled_where_the_commit_left_the_run(
+    db: Path, how: str
+) -> None:
+    """The commit was already with the writer: it applies, and the `cancelled` row follows it
+    at the next stage (not at the stage whose `succeeded` row precedes it), so that a retry
+    continues after the committed stage instead of repeating it."""
+    calls: list[str] = []
+    cancels: list[asyncio.Task[ws.Run]] = []
+    engine_box: list[ws.Engine] = []
+
+    @ws.stage
+    async def a(n: int) -> int:
+        calls.append("a")
+        return n + 1
+
+    @ws.stage
+    async def b(a: int, ctx: ws.StageContext) -> int:
+        calls.append("b")
+        if len(calls) == 2:  # the first time only
+            cancel_soon(engine_box[0], ctx.run_id, cancels)
+        return a + 1
+
+    @ws.stage
+    async def c(b: int) -> int:
+        calls.append("c")
+        return b + 1
+
+    stages: list[Any] = [a, b, c]
+    if how == "resumed":
+        stages.insert(1, ws.gate("ok", schema=bool))
+    p = ws.Pipeline(f"cancel-in-commit-{how}", stages)
+    b_at = stages.index(b)
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        engine_box.append(engine)
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(p, {"n": 1})
+            if how == "resumed":
+                assert run.status == "paused"
+                run = await engine.resume(run.run_id, True)
+            seen = await cancels[0]
+        assert run.status == "cancelled" and seen.status == "cancelled"
+        assert calls == ["a", "b"]
+        rows = journal(db, run.run_id)
+        assert (rows[-1][2], rows[-1][1]) == ("cancelled", b_at + 1)
+        assert max(r[1] for r in rows if r[2] == "succeeded") == b_at
+        assert run_row(db, run.run_id)["stage_index"] == b_at + 1
+        with anyio.fail_after(SAFETY):
+            retried = await engine.retry(run.run_id)
+    assert retried.status == "succeeded" and retried.output == 4
+    assert calls == ["a", "b", "c"]
+    assert len(succeeded_rows(db, run.run_id, b_at)) == 1
+
+
+async def test_a_cancel_during_the_last_commit_finds_the_run_succeeded(db: Path) -> None:
+    cancels: list[asyncio.Task[ws.Run]] = []
+    engine_box: list[ws.Engine] = []
+
+    @ws.stage
+    async def only(ctx: ws.StageContext) -> int:
+        cancel_soon(engine_box[0], ctx.run_id, cancels)
+        return 1
+
+    p = ws.Pipeline("cancel-in-last-commit", [only])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        engine_box.append(engine)
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(p)
+            seen = await cancels[0]
+    assert run.status == "succeeded" and seen.status == "succeeded"
+    assert [r[2] for r in journal(db, run.run_id)][-2:] == ["succeeded", "completed"]
+
+
+async def test_a_cancel_during_a_pause_commit_cancels_the_paused_run(db: Path) -> None:
+    """The pause was committed first: the run is paused, and the cancel asked for still
+    applies to it (a paused run can be cancelled) instead of being dropped."""
+    cancels: list[asyncio.Task[ws.Run]] = []
+    engine_box: list[ws.Engine] = []
+
+    @ws.stage
+    async def ask(ctx: ws.StageContext) -> str:
+        cancel_soon(engine_box[0], ctx.run_id, cancels)
+        return await ctx.pause("name", schema=str)
+
+    p = ws.Pipeline("cancel-in-pause-commit", [ask])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        engine_box.append(engine)
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(p)
+            seen = await cancels[0]
+            final = await engine.get(run.run_id)
+    assert seen.status == "cancelled" and final.status == "cancelled"
+    row = run_row(db, run.run_id)
+    assert row["status"] == "cancelled" and row["pause"] is None
+    assert journal(db, run.run_id)[-1][2] == "cancelled"
+
+
 # -- many runs --------------------------------------------------------------------------------
 
 

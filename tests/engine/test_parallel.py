@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -334,3 +335,35 @@ async def test_sigkill_mid_group_reruns_only_unfinished_branches(tmp_path: Path)
     succeeded = Counter(t.stage_path for t in history if t.event == "succeeded")
     assert all(succeeded[f"g.{b}"] == 1 for b in "abcd")
     assert "recovered" in [t.event for t in history]
+
+
+@pytest.mark.parametrize("turns", range(6))
+async def test_fail_fast_never_journals_a_finished_branch_as_cancelled(
+    db: Path, turns: int
+) -> None:
+    """A branch whose outcome was being committed when another branch failed keeps that
+    outcome: its row is not followed by a `cancelled` row. The other branch finishes
+    `turns` passes of the event loop after the failure, to land at different moments of
+    the failing branch's commit."""
+
+    @ws.stage
+    async def failing() -> int:
+        raise KeyError("x")
+
+    @ws.stage
+    async def quick() -> int:
+        for _ in range(turns):
+            await anyio.lowlevel.checkpoint()
+        return 1
+
+    pipe = ws.Pipeline(f"ff-race-{turns}", [ws.parallel(failing, quick, name="g")])
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        for _ in range(20):
+            with anyio.fail_after(10):
+                run = await engine.start(pipe)
+            assert run.status == "failed"
+            ends: dict[str, list[str]] = {}
+            for t in await engine.history(run.run_id):
+                if t.stage_path and t.event in ("succeeded", "failed", "cancelled"):
+                    ends.setdefault(t.stage_path, []).append(t.event)
+            assert all(len(events) == 1 for events in ends.values()), ends

@@ -77,6 +77,25 @@ async def test_a_sleep_survives_a_restart_and_wakes_on_time(db: Path) -> None:
     assert calls == Counter({"prepare": 1, "finish": 1})
 
 
+async def test_cancelling_a_sleeping_run_cancels_it_at_once(db: Path) -> None:
+    """Nobody drives a sleeping run: cancel settles it now, not when it would have woken."""
+    calls.clear()
+    clock = ws.ManualClock(start=1_000_000.0)
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock) as engine:
+        run = await engine.submit(napping, {"n": 1})
+        await _until(engine, run.run_id, "pending")
+        cancelled = await engine.cancel(run.run_id)
+        assert cancelled.status == "cancelled" and not cancelled.cancel_requested
+        clock.advance(3 * DAY)
+        await anyio.sleep(0.05)
+        assert (await engine.get(run.run_id)).status == "cancelled"
+        events = [(t.event, t.stage_index) for t in await engine.history(run.run_id)]
+    assert events[-2:] == [("sleeping", 1), ("cancelled", 1)]
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT wake_at, lease_owner FROM runs").fetchone() == (None, None)
+    assert calls == Counter({"prepare": 1})
+
+
 @ws.stage
 async def polls(n: int, ctx: ws.StageContext) -> int:
     calls["before"] += 1

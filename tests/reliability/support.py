@@ -72,7 +72,8 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     """Assert the invariants every run's journal keeps, whatever happened to it; returns it.
 
     - seq runs 1, 2, 3, ... without gaps, and the run row's `seq` is the last one;
-    - no stage has two `succeeded` rows (a committed stage never runs again);
+    - no stage has two `succeeded` rows (a committed stage never runs again), nor a
+      `cancelled` row after its `succeeded` one;
     - since the last `retried` row (engine.retry), at most one event ended the run, and it is
       the last row, matching the run's status;
     - a settled run holds no lease.
@@ -93,6 +94,19 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     )
     twice = {i: n for i, n in done.items() if n > 1}
     assert not twice, f"run {run_id}: stages committed more than once: {twice}"
+    committed: set[tuple[Any, Any]] = set()
+    for seq, index, path, event in query(
+        db,
+        "SELECT seq, stage_index, stage_path, event FROM journal WHERE run_id = ? "
+        "AND event IN ('succeeded', 'cancelled') ORDER BY seq",
+        (run_id,),
+    ):
+        if event == "succeeded":
+            committed.add((index, path))
+        else:
+            assert (index, path) not in committed, (
+                f"run {run_id}: `cancelled` at seq {seq} after stage {path} committed"
+            )
     last_retry = max((k for k, r in enumerate(rows) if r[2] == "retried"), default=-1)
     tail = rows[last_retry + 1 :]
     enders = [r for r in tail if r[2] in TERMINAL_EVENTS]

@@ -998,16 +998,23 @@ class Engine:
         """Start driving a run we hold the lease of, from its committed state."""
         rows = await self.store.stage_results(run_id)
         record = await self._record(run_id)
-        self._launch(Driver(**self._driver_args(p), state=RunState.load(p, record, rows)))
+        driver = Driver(**self._driver_args(p), state=RunState.load(p, record, rows))
+        # The position the run's next commit is guarded on (nobody else moves a run we
+        # hold the lease of): its stages take the one-statement step from the first one.
+        driver.seq = record.seq
+        self._launch(driver)
 
     # -- cancelling --------------------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> Run:
         """Cancel a run that has not finished, and its unfinished descendants.
 
-        A paused or pending run is cancelled at once. A run driven here is interrupted in
-        its current stage. A run driven by another engine is marked; that engine cancels it
-        at its next commit (the returned run then still says `running`, `cancel_requested`).
+        A run driven here is interrupted in its current stage; if the stage's commit was
+        already under way, the run is cancelled at the stage after it (or, if that commit
+        finished the run, stays succeeded). A paused run, or one no engine drives (asleep,
+        waiting for a worker with its pipeline, left by a closed engine), is cancelled at
+        once. A run driven by another engine is marked; that engine cancels it at its next
+        commit (the returned run then still says `running`, `cancel_requested`).
         """
         run = await self._cancel_one(run_id)
         tree = await self.store.tree(run.root_run_id)
@@ -1028,16 +1035,23 @@ class Engine:
             driver.cancel_requested = True
             driver.scope.cancel()
             await driver.done.wait()
-            return self._to_run(await self._record(run_id))
+            record = await self._record(run_id)
+            # Unless its last commit (a pause, a sleep) got in first: then it is cancelled
+            # below like any run that nobody drives.
+            if record.status not in ("paused", "pending") or record.lease_owner is not None:
+                return self._to_run(record)
         record = await self._record(run_id)
         if record.status in TERMINAL:
             raise InvalidRunState(f"run {run_id} already {record.status}; it cannot be cancelled")
-        if record.status == "paused":
+        if record.status == "paused" or record.lease_owner is None:
+            # Paused, or pending with no engine on it (asleep, or waiting for a worker with
+            # its pipeline): cancelled at once. The guard on `seq` loses to an engine that
+            # takes it up meanwhile; then we look again.
             seq = await self.store.update_run(
                 run_id,
-                Guard(("paused",), seq=record.seq),
+                Guard((record.status,), seq=record.seq),
                 [NewTransition("cancelled", record.stage_index)],
-                {"status": "cancelled", "pause": None},
+                {"status": "cancelled", "pause": None, "wake_at": None},
             )
             if seq is None:
                 return await self._cancel_one(run_id)  # it moved on meanwhile: look again

@@ -391,9 +391,7 @@ class Driver:
                 except anyio.get_cancelled_exc_class():
                     if self.cancel_requested:
                         with anyio.CancelScope(shield=True):
-                            i = self.state.stage_index
-                            stages = self.pipeline.stages
-                            await self._cancelled(i, stages[i] if i < len(stages) else None)
+                            await self._cancelled(self.seq, self.state.stage_index)
                     raise
         except _Lost:
             await self._on_lost()
@@ -645,9 +643,13 @@ class Driver:
             raise
         except Exception as exc:
             return await self._branch_failed(branch, slot, exc, errors)
-        await self._commit(
-            [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload=payload)]
-        )
+        # Shielded, as is a failure's commit: once the outcome is with the writer it will
+        # apply, so a sibling's failure must not cancel the wait for it (the branch would
+        # then be journaled `cancelled` after its committed outcome).
+        with anyio.CancelScope(shield=True):
+            await self._commit(
+                [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload=payload)]
+            )
         results[branch.name] = value
         self.state.branch_payloads[slot.path] = payload
         return False
@@ -659,7 +661,10 @@ class Driver:
         errors.append((branch.name, exc))
         error = error_json(exc, branch, slot.index)
         attempt = self._attempt_of(slot.key)
-        await self._commit([NewTransition("failed", slot.index, slot.path, attempt, error=error)])
+        with anyio.CancelScope(shield=True):  # see the outcome's commit in _branch
+            await self._commit(
+                [NewTransition("failed", slot.index, slot.path, attempt, error=error)]
+            )
         return True
 
     async def _journal_retry(
@@ -1025,17 +1030,37 @@ class Driver:
         self.children.engine.timers.changed()
         log.info("run %s sleeps at %s until %s", self.run_id, slot.path, wake_at)
 
-    async def _cancelled(self, i: int, stage: Stage | None) -> None:
-        record = await self.store.settle_run(
-            self.run_id,
-            Guard(("running", "pending"), owner=self.owner),
-            [NewTransition("cancelled", i, stage.name if stage else None)],
-            {"status": "cancelled", "lease_owner": None, "lease_expires": None},
-        )
-        if record is not None:
-            self.final = record
-            self.outcome = "cancelled"
-            log.info("run %s cancelled", self.run_id)
+    async def _cancelled(self, seq: int | None, i: int) -> None:
+        """Settle the run as cancelled at stage `i`, where commit `seq` left it.
+
+        The cancel may have come while a commit of ours was with the writer: that commit
+        applies before this one (one queue, in order) and moves the run past `i`. So the
+        write is guarded on `seq`, and on a miss we read where the run got to and settle
+        there, unless it meanwhile finished, paused or slept (`Engine.cancel` takes it from
+        there) or is no longer ours."""
+        stages = self.pipeline.stages
+        while True:
+            record = await self.store.settle_run(
+                self.run_id,
+                Guard(("running", "pending"), owner=self.owner, seq=seq),
+                [NewTransition("cancelled", i, stages[i].name if i < len(stages) else None)],
+                {"status": "cancelled", "lease_owner": None, "lease_expires": None},
+            )
+            if record is not None:
+                self.final = record
+                self.outcome = "cancelled"
+                log.info("run %s cancelled", self.run_id)
+                return
+            now = await self.store.get_run(self.run_id)
+            if (
+                seq is None
+                or now is None
+                or now.seq == seq
+                or now.status not in ("running", "pending")
+                or now.lease_owner != self.owner
+            ):
+                return
+            seq, i = now.seq, now.stage_index
 
     async def _on_lost(self) -> None:
         record = await self.store.get_run(self.run_id)
@@ -1045,9 +1070,7 @@ class Driver:
             and record.status in ("running", "pending")
             and record.lease_owner == self.owner
         ):
-            i = record.stage_index
-            stages = self.pipeline.stages
-            await self._cancelled(i, stages[i] if i < len(stages) else None)
+            await self._cancelled(record.seq, record.stage_index)
             return
         log.warning("run %s is no longer ours (lease taken over); stopped driving it", self.run_id)
 
