@@ -998,8 +998,12 @@ async def test_a_cancel_during_the_last_commit_finds_the_run_succeeded(db: Path)
     cancels: list[asyncio.Task[ws.Run]] = []
     engine_box: list[ws.Engine] = []
 
+    workspaces: list[Path] = []
+
     @ws.stage
     async def only(ctx: ws.StageContext) -> int:
+        workspaces.append(ctx.workspace)
+        (ctx.workspace / "scratch.txt").write_text("x")
         cancel_soon(engine_box[0], ctx.run_id, cancels)
         return 1
 
@@ -1011,6 +1015,7 @@ async def test_a_cancel_during_the_last_commit_finds_the_run_succeeded(db: Path)
             seen = await cancels[0]
     assert run.status == "succeeded" and seen.status == "succeeded"
     assert [r[2] for r in journal(db, run.run_id)][-2:] == ["succeeded", "completed"]
+    assert not workspaces[0].exists()  # removed on success, as without the cancel
 
 
 async def test_a_cancel_during_a_pause_commit_cancels_the_paused_run(db: Path) -> None:
@@ -1034,6 +1039,60 @@ async def test_a_cancel_during_a_pause_commit_cancels_the_paused_run(db: Path) -
     assert seen.status == "cancelled" and final.status == "cancelled"
     row = run_row(db, run.run_id)
     assert row["status"] == "cancelled" and row["pause"] is None
+    assert journal(db, run.run_id)[-1][2] == "cancelled"
+
+
+async def test_a_cancel_reaching_a_recovery_that_has_not_claimed_the_run_is_kept(
+    db: Path,
+) -> None:
+    """The engine is about to recover an abandoned run: its driver waits for a slot and has
+    not taken the lease. The cancel must not be lost with that driver: the run is marked,
+    and the claim that follows cancels it instead of running its stage again."""
+    calls: list[str] = []
+    entered = anyio.Event()
+    release = anyio.Event()
+
+    @ws.stage
+    async def work(n: int) -> int:
+        calls.append("work")
+        if len(calls) == 1:
+            entered.set()
+            await anyio.Event().wait()  # interrupted by close: the run is left running
+        return n
+
+    @ws.stage
+    async def hold() -> int:
+        await release.wait()
+        return 0
+
+    worker = ws.Pipeline("abandoned", [work])
+    holder = ws.Pipeline("holder", [hold])
+    first_owner = await ws.Engine.open(db, pipelines=[worker])
+    run = await first_owner.submit(worker, {"n": 1})
+    with anyio.fail_after(SAFETY):
+        await entered.wait()
+        await first_owner.close(grace=0.1)
+    with closing(sqlite3.connect(db)) as conn, conn:  # as if its owner had died
+        conn.execute(
+            "UPDATE runs SET lease_owner = 'elsewhere:1:feedface', lease_expires = 1.0 "
+            "WHERE run_id = ?",
+            (run.run_id,),
+        )
+    async with ws.Engine.open(
+        db, pipelines=[worker, holder], recover=False, max_concurrent_runs=1
+    ) as engine:
+        busy = await engine.submit(holder)
+        assert await engine.recover() == 1  # its driver now waits for the only slot
+        with anyio.fail_after(SAFETY):
+            marked = await engine.cancel(run.run_id)
+        assert marked.status == "cancelled" or marked.cancel_requested
+        release.set()
+        with anyio.fail_after(SAFETY):
+            assert (await engine.wait(busy.run_id)).status == "succeeded"
+            await engine.recover()
+            final = await engine.wait(run.run_id)
+    assert final.status == "cancelled"
+    assert calls == ["work"]  # not run again
     assert journal(db, run.run_id)[-1][2] == "cancelled"
 
 

@@ -3,6 +3,7 @@ several branches answered separately, per-branch retries, validation, and a real
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import sqlite3
@@ -15,7 +16,6 @@ from types import ModuleType
 from typing import Any
 
 import anyio
-import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -337,33 +337,52 @@ async def test_sigkill_mid_group_reruns_only_unfinished_branches(tmp_path: Path)
     assert "recovered" in [t.event for t in history]
 
 
-@pytest.mark.parametrize("turns", range(6))
-async def test_fail_fast_never_journals_a_finished_branch_as_cancelled(
-    db: Path, turns: int
-) -> None:
-    """A branch whose outcome was being committed when another branch failed keeps that
-    outcome: its row is not followed by a `cancelled` row. The other branch finishes
-    `turns` passes of the event loop after the failure, to land at different moments of
-    the failing branch's commit."""
+async def test_fail_fast_never_journals_a_finished_branch_as_cancelled(db: Path) -> None:
+    """Branch `quick` has handed its result to the writer when branch `failing` fails: its
+    commit applies, so it must not then be journaled `cancelled` as if it had been stopped.
+    The store is wrapped to hold the moment: quick's commit is queued, then failing fails
+    and its failure is committed (cancelling the group), and only then does quick's wait
+    for its commit end."""
+    quick_queued = asyncio.Event()
+    failure_committed = asyncio.Event()
 
     @ws.stage
     async def failing() -> int:
+        await quick_queued.wait()
         raise KeyError("x")
 
     @ws.stage
     async def quick() -> int:
-        for _ in range(turns):
-            await anyio.lowlevel.checkpoint()
         return 1
 
-    pipe = ws.Pipeline(f"ff-race-{turns}", [ws.parallel(failing, quick, name="g")])
+    pipe = ws.Pipeline("ff-race", [ws.parallel(failing, quick, name="g")])
     async with ws.Engine.open(db, pipelines=[pipe]) as engine:
-        for _ in range(20):
-            with anyio.fail_after(10):
-                run = await engine.start(pipe)
-            assert run.status == "failed"
-            ends: dict[str, list[str]] = {}
-            for t in await engine.history(run.run_id):
-                if t.stage_path and t.event in ("succeeded", "failed", "cancelled"):
-                    ends.setdefault(t.stage_path, []).append(t.event)
-            assert all(len(events) == 1 for events in ends.values()), ends
+        update_run = engine.store.update_run
+
+        async def held_update(run_id: str, guard: Any, transitions: Any, values: Any = None) -> Any:
+            paths = {(t.event, t.stage_path) for t in transitions}
+            if ("succeeded", "g.quick") in paths:
+                queued = asyncio.ensure_future(update_run(run_id, guard, transitions, values))
+                await asyncio.sleep(0)  # the write is with the writer now
+                quick_queued.set()
+                await failure_committed.wait()
+                await asyncio.sleep(0.01)  # still waiting when the group is cancelled
+                return await queued
+            result = await update_run(run_id, guard, transitions, values)
+            if ("failed", "g.failing") in paths:
+                failure_committed.set()
+            return result
+
+        engine.store.update_run = held_update  # type: ignore[method-assign]
+        with anyio.fail_after(10):
+            run = await engine.start(pipe)
+        assert run.status == "failed"
+        ends: dict[str, list[str]] = {}
+        for t in await engine.history(run.run_id):
+            if (t.stage_path or "").startswith("g.") and t.event in (
+                "succeeded",
+                "failed",
+                "cancelled",
+            ):
+                ends.setdefault(t.stage_path, []).append(t.event)
+    assert ends == {"g.failing": ["failed"], "g.quick": ["succeeded"]}

@@ -253,6 +253,79 @@ async def test_a_failing_compensation_is_journaled_and_the_error_kept(
     assert any("compensation of charge failed" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_compensated_run_is_not_retried_but_can_be_replayed(db: Path) -> None:
+    """Its first stages' results stand for undone work (the reservation was released):
+    retry refuses, naming the way out, and writes nothing; replay from stage 0 runs it all
+    again."""
+    undone.clear()
+    async with ws.Engine.open(db, pipelines=[saga]) as engine:
+        run = await engine.start(saga, {"item": "lamp", "amount": 30})
+        assert run.status == "failed"
+        before = await engine.history(run.run_id)
+        with pytest.raises(ws.InvalidRunState, match=r"compensated.*replay"):
+            await engine.retry(run.run_id)
+        assert await engine.history(run.run_id) == before
+        assert (await engine.get(run.run_id)).status == "failed"
+        again = await engine.replay(run.run_id, from_stage=0)
+        events = [(t.event, t.stage_path) for t in await engine.history(again.run_id)]
+    assert again.status == "failed"  # `ship` still has no courier
+    assert ("succeeded", "reserve") in events and ("reused", "reserve") not in events
+    assert undone == ["refund 30", "unreserve R-lamp"] * 2
+
+
+async def test_retrying_a_run_cancelled_while_compensating_finishes_the_compensation(
+    db: Path,
+) -> None:
+    """Cancelled in the middle of undoing `charge`: retry carries the compensation on (the
+    interrupted undo runs again, as after a crash; `reserve` is undone once) and the run
+    fails with its original error; after that it is a compensated run, not retried."""
+    entered = anyio.Event()
+    go_on = anyio.Event()
+    undos: list[str] = []
+
+    async def slow_refund(output: int) -> None:
+        undos.append("refund")
+        entered.set()
+        await go_on.wait()
+
+    async def unreserve(output: str) -> None:
+        undos.append("unreserve")
+
+    @ws.stage(compensate=unreserve)
+    async def book(item: str) -> str:
+        return f"R-{item}"
+
+    @ws.stage(compensate=slow_refund)
+    async def pay(book: str) -> int:
+        return 30
+
+    @ws.stage
+    async def deliver(pay: int) -> str:
+        raise RuntimeError("no courier")
+
+    p = ws.Pipeline("saga-cancelled", [book, pay, deliver], on_failure="compensate")
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.submit(p, {"item": "lamp"})
+        with anyio.fail_after(10):
+            await entered.wait()
+            cancelled = await engine.cancel(run.run_id)
+        assert cancelled.status == "cancelled"
+        assert undos == ["refund"]
+        go_on.set()
+        with anyio.fail_after(10):
+            retried = await engine.retry(run.run_id)
+        assert retried.status == "failed" and retried.error is not None
+        assert "no courier" in retried.error.message
+        assert undos == ["refund", "refund", "unreserve"]
+        with pytest.raises(ws.InvalidRunState, match="compensated"):
+            await engine.retry(run.run_id)
+        events = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+    assert [e for e in events if e[0] == "compensated"] == [
+        ("compensated", "pay"),
+        ("compensated", "book"),
+    ]
+
+
 SAGA_SCRIPT = """
 import os, sys, time, anyio, waystation as ws
 

@@ -73,7 +73,7 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
 
     - seq runs 1, 2, 3, ... without gaps, and the run row's `seq` is the last one;
     - no stage has two `succeeded` rows (a committed stage never runs again), nor a
-      `cancelled` row after its `succeeded` one;
+      `cancelled` row after its `succeeded` or `skipped` one;
     - since the last `retried` row (engine.retry), at most one event ended the run, and it is
       the last row, matching the run's status;
     - a settled run holds no lease.
@@ -94,15 +94,20 @@ def check_journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:
     )
     twice = {i: n for i, n in done.items() if n > 1}
     assert not twice, f"run {run_id}: stages committed more than once: {twice}"
+    # A `cancelled` row never follows its stage's own outcome (`succeeded`, `skipped`);
+    # one without a path (written by `cancel` without the pipeline) stands for the
+    # top-level stage at its index, whose paths have no dot (branches' do).
     committed: set[tuple[Any, Any]] = set()
     for seq, index, path, event in query(
         db,
         "SELECT seq, stage_index, stage_path, event FROM journal WHERE run_id = ? "
-        "AND event IN ('succeeded', 'cancelled') ORDER BY seq",
+        "AND event IN ('succeeded', 'skipped', 'cancelled') ORDER BY seq",
         (run_id,),
     ):
-        if event == "succeeded":
+        if event != "cancelled":
             committed.add((index, path))
+            if path is not None and "." not in path:
+                committed.add((index, None))
         else:
             assert (index, path) not in committed, (
                 f"run {run_id}: `cancelled` at seq {seq} after stage {path} committed"

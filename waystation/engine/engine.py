@@ -820,13 +820,24 @@ class Engine:
         """Continue a failed or cancelled run at the stage where it stopped (same run id).
 
         Earlier results are kept; the stage gets a fresh retry budget. The journal shows a
-        `retried` row. Refused (`InvalidRunState`) for a run that is not failed or cancelled.
+        `retried` row. Refused (`InvalidRunState`) for a run that is not failed or cancelled,
+        and for a failed run whose completed stages were compensated: their results stand
+        for work that was undone (replay it from its first stage instead). A run cancelled
+        while compensating continues its compensation and then fails as it would have.
         """
         self._check_open()
         record = await self._record(run_id)
         if record.status not in ("failed", "cancelled"):
             raise InvalidRunState(
                 f"run {run_id} is {record.status}; only failed or cancelled runs can be retried"
+            )
+        if record.status == "failed" and any(
+            t.event == "compensating" for t in await self.store.history(run_id)
+        ):
+            raise InvalidRunState(
+                f"run {run_id} failed and its completed stages were compensated (undone); "
+                "continuing it would build on undone work. Run it again from its first "
+                f"stage: engine.replay({run_id!r}, from_stage=0)"
             )
         p = await self._pipeline_for(record)
         await self._check_loadable(p, record)
@@ -1036,21 +1047,28 @@ class Engine:
             driver.scope.cancel()
             await driver.done.wait()
             record = await self._record(run_id)
-            # Unless its last commit (a pause, a sleep) got in first: then it is cancelled
-            # below like any run that nobody drives.
-            if record.status not in ("paused", "pending") or record.lease_owner is not None:
+            if record.status in TERMINAL:
                 return self._to_run(record)
-        record = await self._record(run_id)
-        if record.status in TERMINAL:
-            raise InvalidRunState(f"run {run_id} already {record.status}; it cannot be cancelled")
+            # Its last commit (a pause, a sleep) got in first, or it stopped unsettled (a
+            # failed commit): then it is cancelled below like a run not driven here.
+        else:
+            record = await self._record(run_id)
+            if record.status in TERMINAL:
+                raise InvalidRunState(
+                    f"run {run_id} already {record.status}; it cannot be cancelled"
+                )
         if record.status == "paused" or record.lease_owner is None:
-            # Paused, or pending with no engine on it (asleep, or waiting for a worker with
-            # its pipeline): cancelled at once. The guard on `seq` loses to an engine that
-            # takes it up meanwhile; then we look again.
+            # Paused, or with no engine on it (asleep, waiting for a worker with its
+            # pipeline, left running by an engine that closed): cancelled at once. The
+            # guard on `seq` loses to an engine that takes it up meanwhile; then we look
+            # again.
+            p = self._pipelines.get((record.pipeline, record.pipeline_version))
+            i = record.stage_index
+            name = p.stages[i].name if p is not None and i < len(p.stages) else None
             seq = await self.store.update_run(
                 run_id,
                 Guard((record.status,), seq=record.seq),
-                [NewTransition("cancelled", record.stage_index)],
+                [NewTransition("cancelled", i, name)],
                 {"status": "cancelled", "pause": None, "wake_at": None},
             )
             if seq is None:

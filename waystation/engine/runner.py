@@ -1052,6 +1052,13 @@ class Driver:
                 log.info("run %s cancelled", self.run_id)
                 return
             now = await self.store.get_run(self.run_id)
+            if now is not None and now.status in ("succeeded", "failed"):
+                # Our last commit settled it (nobody else settles a run we hold): it
+                # ended as that commit says, with what follows such an end (a workspace
+                # removed, the run's tree forgotten).
+                self.final = now
+                self.outcome = now.status
+                return
             if (
                 seq is None
                 or now is None
