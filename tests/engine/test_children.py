@@ -7,12 +7,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
 import waystation as ws
 
 executed: Counter[str] = Counter()
+SAFETY = 30  # seconds; a safety net against hangs, never a timing assertion
 
 
 class Review(msgspec.Struct):
@@ -264,6 +266,143 @@ async def test_cancelling_a_parent_cancels_its_descendants(db: Path) -> None:
             statuses.append(node.run.status)
             stack.extend(node.children)
         assert statuses == ["cancelled"] * 3
+
+
+# -- a parent's stage that stops, and its children -----------------------------------------
+
+
+entered_stuck: list[anyio.Event] = []  # set by `stuck` once it runs
+
+
+@ws.stage
+async def stuck(n: int) -> int:
+    executed["stuck"] += 1
+    for event in entered_stuck:
+        event.set()
+    await anyio.Event().wait()  # runs until it is stopped
+    return n
+
+
+forever = ws.Pipeline("forever", [stuck])
+
+
+async def children_of(engine: ws.Engine, run_id: str) -> list[ws.Run]:
+    return await engine.list(parent_run_id=run_id, limit=100)
+
+
+async def test_cancelling_a_paused_child_lets_its_parent_go_on(db: Path) -> None:
+    """The parent waits on its child's gate; the child is cancelled by itself: the parent
+    continues and learns it (ChildFailed), instead of staying paused on a pause that is
+    gone."""
+    ask = ws.Pipeline("ask", [ws.gate("ok", schema=bool)])
+
+    @ws.stage
+    async def delegate(x: int, ctx: ws.StageContext) -> str:
+        try:
+            await ctx.run_child(ask, {})
+        except ws.ChildFailed as exc:
+            return f"without approval: {exc}"
+        return "approved"
+
+    parent = ws.Pipeline("delegating", [delegate])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        run = await engine.start(parent, {"x": 1})
+        assert run.status == "paused"
+        (child,) = await children_of(engine, run.run_id)
+        assert (await engine.cancel(child.run_id)).status == "cancelled"
+        with anyio.fail_after(SAFETY):
+            done = await engine.wait(run.run_id)
+    assert done.status == "succeeded"
+    assert done.output.startswith("without approval") and "cancelled" in done.output
+
+
+async def test_a_timed_out_stage_stops_its_child(db: Path) -> None:
+    """Each timed-out attempt's child is cancelled with it, not left to run on."""
+    executed.clear()
+
+    @ws.stage(timeout=0.5, retry=ws.Retry(attempts=2, backoff=0.01))
+    async def launch(n: int, ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(forever, {"n": n}))
+
+    parent = ws.Pipeline("timing-out", [launch])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent, {"n": 1})
+        assert run.status == "failed" and run.error is not None
+        assert "timed out" in run.error.message
+        kids = await children_of(engine, run.run_id)
+    assert [k.status for k in kids] == ["cancelled", "cancelled"]
+
+
+async def test_a_failing_branch_stops_the_child_of_another(db: Path) -> None:
+    @ws.stage
+    async def kid(ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(forever, {"n": 1}))
+
+    entered = anyio.Event()
+
+    @ws.stage
+    async def boom() -> int:
+        await entered.wait()  # the other branch's child is running
+        raise RuntimeError("boom")
+
+    parent = ws.Pipeline("fail-fast-kid", [ws.parallel(kid, boom, name="g")])
+    entered_stuck[:] = [entered]
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "failed"
+        kids = await children_of(engine, run.run_id)
+    assert [k.status for k in kids] == ["cancelled"]
+
+
+async def test_cancelling_a_parent_whose_child_holds_the_last_slot(db: Path) -> None:
+    """One slot, held by the child (the waiting parent gave its own back): cancel must
+    not wait for a slot the child will never free. Both end cancelled, at once."""
+    executed.clear()
+
+    @ws.stage
+    async def wait_for_child(n: int, ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(forever, {"n": n}))
+
+    parent = ws.Pipeline("one-slot", [wait_for_child])
+    entered = anyio.Event()
+    entered_stuck[:] = [entered]
+    async with ws.Engine.open(db, pipelines=[parent], max_concurrent_runs=1) as engine:
+        run = await engine.submit(parent, {"n": 1})
+        with anyio.fail_after(SAFETY):
+            await entered.wait()
+            cancelled = await engine.cancel(run.run_id)
+        assert cancelled.status == "cancelled"
+        kids = await children_of(engine, run.run_id)
+    assert [k.status for k in kids] == ["cancelled"]
+    entered_stuck.clear()
+
+
+async def test_no_child_is_left_undriven_when_its_siblings_fail_fast(db: Path) -> None:
+    """map_children stops at an invalid item while other children are being created:
+    every child that exists ends (none stays `running` with nobody driving it)."""
+
+    @ws.stage
+    async def work(n: int) -> int:
+        await anyio.sleep(0.2)
+        return n
+
+    item = ws.Pipeline("item", [work])
+
+    @ws.stage
+    async def fan(k: int, ctx: ws.StageContext) -> list[int]:
+        items: list[dict[str, Any]] = [{"n": i} for i in range(k)]
+        items[k // 2] = {"wrong": 1}
+        return list(await ws.map_children(ctx, item, items))
+
+    parent = ws.Pipeline("fan-invalid", [fan])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent, {"k": 20})
+            assert run.status == "failed"
+            for kid in await children_of(engine, run.run_id):
+                assert (await engine.wait(kid.run_id)).status in ("succeeded", "cancelled")
 
 
 # -- failures that do not stop the run, branch, loop, mapping --------------------------------

@@ -10,9 +10,11 @@ the finished ones' outputs back instead of launching them again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,7 @@ import anyio
 import msgspec
 
 from .._ids import new_run_id
-from ..errors import BudgetExceeded, ChildFailed
+from ..errors import BudgetExceeded, ChildFailed, InvalidRunState
 from ..store import codec
 from ..store.base import Guard, NewRun, NewTransition, RunRecord
 from .context import PauseSignal, StageContext
@@ -93,9 +95,31 @@ class ChildRunner:
             )
         await self.count_stage(parent, launching=True)
         text, typed = p.validate_input(input)
+        # Shielded to the launch: a create already with the writer applies even if the
+        # parent's stage is stopped meanwhile, and a child row nobody drives would keep
+        # this engine's lease (renewed, so never recovered) until the process ends.
+        with anyio.CancelScope(shield=True):
+            child_id = await self._launch(parent, ctx, p, text, typed, call, kind, chain)
+        return await self._settle(parent, p, child_id, chain, stage_outputs)
+
+    async def _launch(
+        self,
+        parent: Driver,
+        ctx: StageContext,
+        p: Pipeline,
+        text: str,
+        typed: Any,
+        call: int,
+        kind: str,
+        chain: str,
+    ) -> str:
+        """Create the child for this call, or find the one created before; start driving
+        a new one. Returns its run id."""
+        engine = self.engine
+        child_id = new_run_id()
+        state = parent.state
         i = ctx.stage_index
         key = _child_key(parent, ctx, call)
-        child_id = new_run_id()
         created, record = await engine.store.create_run(
             NewRun(
                 run_id=child_id,
@@ -138,7 +162,7 @@ class ChildRunner:
             child_state.chain = chain
             child_state.lineage = (*state.lineage, state.run_id)
             engine._launch_new(p, child_state, record)
-        return await self._settle(parent, p, record.run_id, chain, stage_outputs)
+        return record.run_id
 
     async def _settle(
         self, parent: Driver, p: Pipeline, child_id: str, chain: str, stage_outputs: bool
@@ -148,8 +172,7 @@ class ChildRunner:
         while True:
             driver = engine._active.get(child_id)
             if driver is not None:
-                async with parent.slot_released():
-                    await driver.done.wait()
+                await self._wait(parent, child_id, driver.done.wait)
             record = await engine.store.get_run(child_id)
             assert record is not None
             if record.status == "succeeded":
@@ -176,9 +199,28 @@ class ChildRunner:
                 raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
             if child_id not in engine._active:
                 # Driven by another engine, or waiting to be recovered: look again soon.
-                async with parent.slot_released():
-                    await anyio.sleep(delay)
+                await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
                 delay = min(delay * 2, 0.5)
+
+    async def _wait(
+        self, parent: Driver, child_id: str, wait: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """`wait` with the parent's slot given back. If the parent's stage is stopped
+        meanwhile (cancelled, timed out, a failing sibling branch), its child is stopped
+        too, before the slot is taken again (the child may hold the last one), unless the
+        engine is closing: then both stay as they are, for the next engine."""
+        async with parent.slot_released():
+            try:
+                await wait()
+            except anyio.get_cancelled_exc_class():
+                if not self.engine._closing:
+                    with anyio.CancelScope(shield=True):
+                        await self._stop(child_id)
+                raise
+
+    async def _stop(self, child_id: str) -> None:
+        with contextlib.suppress(InvalidRunState):
+            await self.engine.cancel(child_id)
 
     async def stage_outputs(self, p: Pipeline, run_id: str) -> dict[str, Any]:
         """The outputs of a finished run's stages, by stage name."""

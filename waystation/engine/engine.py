@@ -1073,6 +1073,9 @@ class Engine:
             )
             if seq is None:
                 return await self._cancel_one(run_id)  # it moved on meanwhile: look again
+            # A parent paused on this run's pause would otherwise wait for it forever: it
+            # continues, and finds its child cancelled.
+            await self._wake_ancestors(record)
         else:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
