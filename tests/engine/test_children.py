@@ -405,6 +405,68 @@ async def test_no_child_is_left_undriven_when_its_siblings_fail_fast(db: Path) -
                 assert (await engine.wait(kid.run_id)).status in ("succeeded", "cancelled")
 
 
+# -- a parent paused on a child's pause that is answered meanwhile --------------------------
+
+
+asking = ws.Pipeline("asking", [ws.gate("ok", schema=bool), ws.stage(lambda ok: ok, name="got")])
+
+
+@ws.stage
+async def ask_child(x: int, ctx: ws.StageContext) -> bool:
+    return bool(await ctx.run_child(asking, {}))
+
+
+asker = ws.Pipeline("asker", [ask_child])
+
+
+async def test_a_child_answered_while_its_parent_commits_its_pause(db: Path) -> None:
+    """The parent read its child paused and is committing its own pause when the child is
+    answered (`resume` finds no paused parent to wake yet). The parent must not stay
+    paused on a pause that is gone: it looks again once its pause is committed."""
+    async with ws.Engine.open(db, pipelines=[asker]) as engine:
+        settle_run = engine.store.settle_run
+        answered: list[str] = []
+
+        async def answer_first(run_id: str, guard: Any, rows: Any, values: Any = None) -> Any:
+            pausing = values is not None and values.get("status") == "paused"
+            kids = await engine.list(parent_run_id=run_id) if pausing else []
+            if kids and not answered:  # the parent's pause, not the child's own
+                answered.append(kids[0].run_id)
+                await engine.resume(kids[0].run_id, True, wait=False)
+            return await settle_run(run_id, guard, rows, values)
+
+        engine.store.settle_run = answer_first  # type: ignore[method-assign]
+        with anyio.fail_after(SAFETY):
+            run = await engine.submit(asker, {"x": 1})
+            done = await engine.wait(run.run_id)
+            while done.status == "paused":  # it paused, then woke itself: wait again
+                await anyio.sleep(0.01)
+                done = await engine.wait(run.run_id)
+        assert answered
+    assert done.status == "succeeded" and done.output is True
+
+
+async def test_a_parent_paused_on_a_child_is_woken_when_the_child_ends(db: Path) -> None:
+    """As if the process had died between the child's answer and the parent's wake-up
+    (two commits): the child goes on and ends, and its end wakes the parent."""
+    async with ws.Engine.open(db, pipelines=[asker]) as engine:
+        run = await engine.start(asker, {"x": 1})
+        assert run.status == "paused"
+        (child,) = await engine.list(parent_run_id=run.run_id)
+
+        async def lost(child: Any) -> None:  # the wake-up that the crash took
+            return None
+
+        engine._wake_ancestors = lost  # type: ignore[method-assign]
+        with anyio.fail_after(SAFETY):
+            assert (await engine.resume(child.run_id, True)).status == "succeeded"
+            done = await engine.wait(run.run_id)
+            while done.status == "paused":
+                await anyio.sleep(0.01)
+                done = await engine.wait(run.run_id)
+    assert done.status == "succeeded" and done.output is True
+
+
 # -- failures that do not stop the run, branch, loop, mapping --------------------------------
 
 

@@ -587,6 +587,9 @@ class Engine:
     async def _drive(self, driver: Driver) -> None:
         try:
             await driver.drive()
+            final = driver.final
+            if final is not None and final.depth and final.status in TERMINAL:
+                await self.wake_if_stale(final.parent_run_id)
         finally:
             if self._active.get(driver.run_id) is driver:
                 del self._active[driver.run_id]
@@ -758,6 +761,57 @@ class Engine:
                 "it started with, or give the changed pipeline a new version"
             ) from exc
 
+    async def wake_if_stale(self, run_id: str | None) -> None:
+        """Continue `run_id` if it is paused on a pause of a run below it that is no longer
+        open. That happens when it read the run below as paused just before the pause was
+        answered (or the run ended) and committed its own pause after `resume` had looked
+        for paused ancestors to wake. Called after such a pause commits, and when a child
+        run ends; one read when, as usual, the run is not paused."""
+        if run_id is None or self._closing:
+            return  # closing: left as it is, for the next engine
+        try:
+            record = await self.store.get_run(run_id)
+            if record is None or record.status != "paused":
+                return
+            pauses = decode_pauses(record.pause)
+            for pause in pauses:
+                if pause.run_id is None or pause.run_id == run_id:
+                    continue
+                below = await self.store.get_run(pause.run_id)
+                origin = pause.origin_id or pause.pause_id
+                if below is None or not (
+                    below.status == "paused"
+                    and any(q.pause_id == origin for q in decode_pauses(below.pause))
+                ):
+                    await self._wake(record, pauses)
+                    return
+        except WaystationError as exc:
+            log.warning("run %s: could not look at its pauses again: %s", run_id, exc)
+
+    async def _wake(self, parent: RunRecord, pauses: builtins.list[Pause]) -> bool:
+        """Take a run paused on its children's pauses out of its pause: it re-enters the
+        stage that launched them and waits for them again (or shows their remaining pauses
+        again). False if it changed meanwhile."""
+        try:
+            p: Pipeline | None = self._pipeline_of(parent)
+        except PipelineNotRegistered:
+            p = None
+        values: dict[str, Any] = {"status": "pending", "pause": None}
+        if p is not None:
+            values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
+            values["status"] = "running"
+        seq = await self.store.update_run(
+            parent.run_id,
+            Guard(("paused",), seq=parent.seq),
+            [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
+            values,
+        )
+        if seq is None:
+            return False
+        if p is not None:
+            await self._continue(p, parent.run_id)
+        return True
+
     async def _wake_ancestors(self, child: RunRecord) -> None:
         """Continue the ancestors that were paused because `child` was: each re-enters the
         stage that launched its child, finds it by key, and waits for it again (or shows
@@ -770,24 +824,8 @@ class Engine:
             pauses = decode_pauses(parent.pause)
             if not any(q.run_id == child.run_id for q in pauses):
                 return
-            try:
-                p: Pipeline | None = self._pipeline_of(parent)
-            except PipelineNotRegistered:
-                p = None
-            values: dict[str, Any] = {"status": "pending", "pause": None}
-            if p is not None:
-                values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
-                values["status"] = "running"
-            seq = await self.store.update_run(
-                parent_id,
-                Guard(("paused",), seq=parent.seq),
-                [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
-                values,
-            )
-            if seq is None:
+            if not await self._wake(parent, pauses):
                 return
-            if p is not None:
-                await self._continue(p, parent_id)
             parent_id = parent.parent_run_id
 
     def _check_answer(self, run_id: str, p: Pipeline | None, pause: Pause, value: Any) -> str:

@@ -868,6 +868,9 @@ class Driver:
                 for p in sig.pauses
             ]
             await self._commit_pause(i, stage, pauses, attempt)
+            # One of them may have been answered since we read it, before there was a
+            # paused run here to wake: look again now that ours is committed.
+            await self.children.engine.wake_if_stale(self.run_id)
             return
         try:
             schema = codec.json_schema(sig.schema)
