@@ -1096,6 +1096,39 @@ async def test_a_cancel_reaching_a_recovery_that_has_not_claimed_the_run_is_kept
     assert journal(db, run.run_id)[-1][2] == "cancelled"
 
 
+async def test_a_cancel_from_another_engine_as_the_run_pauses(db: Path) -> None:
+    """Engine B reads the run running on engine A, and marks it for cancel just after A
+    has paused it (so the mark, meant for a running run, does not apply): B must then
+    cancel the paused run itself, not report the cancel as made and leave it paused."""
+    release = anyio.Event()
+
+    @ws.stage
+    async def first() -> int:
+        await release.wait()
+        return 1
+
+    p = ws.Pipeline("pausing-elsewhere", [first, ws.gate("ok", schema=bool)])
+    async with (
+        ws.Engine.open(db, pipelines=[p]) as a,
+        ws.Engine.open(db, pipelines=[p]) as b,
+    ):
+        run = await a.submit(p)
+        update_run = b.store.update_run
+
+        async def mark_late(run_id: str, guard: Any, rows: Any, values: Any = None) -> Any:
+            if values == {"cancel_requested": 1}:  # the run, as B read it, was running
+                release.set()
+                assert (await a.wait(run_id)).status == "paused"
+            return await update_run(run_id, guard, rows, values)
+
+        b.store.update_run = mark_late  # type: ignore[method-assign]
+        with anyio.fail_after(SAFETY):
+            cancelled = await b.cancel(run.run_id)
+        assert cancelled.status == "cancelled"
+        assert (await a.get(run.run_id)).status == "cancelled"
+    assert journal(db, run.run_id)[-1][2] == "cancelled"
+
+
 # -- many runs --------------------------------------------------------------------------------
 
 

@@ -1118,7 +1118,15 @@ class Engine:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
             )
-        log.info("run %s cancel requested", run_id)
+            # Its engine cancels it at its next commit (guarded on the mark). But it may
+            # have paused or gone to sleep between our read and the mark, which then
+            # missed or waits for its wake-up: look again.
+            now = await self._record(run_id)
+            if now.status == "paused" or (now.status not in TERMINAL and not now.lease_owner):
+                return await self._cancel_one(run_id)
+            log.info("run %s cancel requested", run_id)
+            return self._to_run(now)
+        log.info("run %s cancelled", run_id)
         return self._to_run(await self._record(run_id))
 
     # -- reading -----------------------------------------------------------------------------
