@@ -386,3 +386,9 @@ async def test_fail_fast_never_journals_a_finished_branch_as_cancelled(db: Path)
             ):
                 ends.setdefault(t.stage_path, []).append(t.event)
     assert ends == {"g.failing": ["failed"], "g.quick": ["succeeded"]}
+
+
+def test_a_sleep_stage_cannot_be_a_branch() -> None:
+    """Refused when the group is made, not when the run reaches it."""
+    with pytest.raises(ws.PipelineDefinitionError, match="sleep stage"):
+        ws.parallel(geo, ws.sleep_stage("nap", 5), name="g")

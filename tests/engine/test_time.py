@@ -326,6 +326,55 @@ async def test_retrying_a_run_cancelled_while_compensating_finishes_the_compensa
     ]
 
 
+async def test_a_due_run_this_engine_cannot_wake_does_not_make_its_timer_spin(
+    db: Path,
+) -> None:
+    """A worker without the sleeping run's pipeline sees it due and leaves it (an engine
+    with the pipeline will wake it): it looks again at its recheck, not in a busy loop."""
+    async with ws.Engine.open(db, pipelines=[napping]) as owner:
+        run = await owner.submit(napping, {"n": 1})
+        await _until(owner, run.run_id, "pending")
+    with sqlite3.connect(db) as conn:  # as if its two days were up
+        conn.execute("UPDATE runs SET wake_at = 1.0 WHERE run_id = ?", (run.run_id,))
+    conn.close()
+    other = ws.Pipeline("other", [prepare])
+    async with ws.Engine.open(db, pipelines=[other]) as worker:
+        next_wake = worker.store.next_wake
+        looks = 0
+
+        async def counted() -> float | None:
+            nonlocal looks
+            looks += 1
+            return await next_wake()
+
+        worker.store.next_wake = counted  # type: ignore[method-assign]
+        await anyio.sleep(0.5)
+        assert (await worker.get(run.run_id)).status == "pending"
+    assert looks <= 3  # before: thousands in half a second
+
+
+async def test_recovery_leaves_a_parked_run_alone_on_a_manual_clock(db: Path) -> None:
+    """The wake-up time is on the engine's clock, which in a test may be far from real
+    time: recovery must compare with that clock too, not start the run early (nor take
+    it over and park it again at every poll)."""
+    clock = ws.ManualClock(start=1_000.0)  # long before real time
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock, poll_interval=0.02) as engine:
+        run = await engine.submit(napping, {"n": 1})
+        await _until(engine, run.run_id, "pending")
+        await anyio.sleep(0.3)  # many recovery polls
+        assert (await engine.get(run.run_id)).status == "pending"
+        events = [t.event for t in await engine.history(run.run_id)]
+    assert "recovered" not in events and events[-1] == "sleeping"
+
+
+def test_an_expiry_default_is_checked_against_the_schema_when_the_gate_is_made() -> None:
+    with pytest.raises(ws.PipelineDefinitionError, match="on_expire='maybe'"):
+        ws.gate("ok", schema=bool, expires_after=60, on_expire="maybe")
+    gate = ws.gate("ok", schema=bool, expires_after=60, on_expire=False)
+    assert gate.expiry == (60.0, False)
+    assert ws.gate("ok", schema=bool, expires_after=60).expiry == (60.0, "fail")
+
+
 SAGA_SCRIPT = """
 import os, sys, time, anyio, waystation as ws
 

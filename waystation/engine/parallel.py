@@ -56,6 +56,11 @@ def parallel(
             raise PipelineDefinitionError(f"parallel(): {s!r} is not a stage or pipeline")
         if s.kind == "parallel":
             raise PipelineDefinitionError("parallel(): groups cannot be nested; flatten them")
+        if s.kind == "sleep":
+            raise PipelineDefinitionError(
+                f"parallel(): branch {s.name!r} is a sleep stage, which a group cannot run; "
+                "put it before or after the group"
+            )
         if s.name in seen:
             raise PipelineDefinitionError(f"parallel(): two branches are named {s.name!r}")
         seen.add(s.name)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, overload
 
+import msgspec
 import tenacity
 
 from ..errors import PipelineDefinitionError
+from ..store import codec
 
 EMPTY: Any = inspect.Parameter.empty
 
@@ -323,6 +325,15 @@ def gate(
         )
         if seconds <= 0:
             raise PipelineDefinitionError(f"gate {name!r}: expires_after must be positive")
+        if not (isinstance(on_expire, str) and on_expire == _FAIL):
+            # Checked as `resume` would check it, now rather than when the pause expires
+            # (then it could only be logged, again and again, with the run left paused).
+            try:
+                codec.decode(codec.encode(on_expire), schema)
+            except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
+                raise PipelineDefinitionError(
+                    f"gate {name!r}: on_expire={on_expire!r} is not a valid answer: {exc}"
+                ) from None
         expiry = (seconds, on_expire)
     return Stage(
         None, name=name, kind="gate", schema=schema, reason=reason, when=when, expiry=expiry

@@ -48,8 +48,14 @@ class Timers:
         while True:
             self._changed = anyio.Event()
             try:
-                await self.fire(clock.time())
+                now = clock.time()
+                acted = await self.fire(now)
                 nxt = await engine.store.next_wake()
+                if nxt is not None and nxt <= now and not acted:
+                    # Due, and all left as they were: another engine's pipeline, or a
+                    # wake-up that failed. Not again at once (that would spin), but at
+                    # the recheck. (Acted on some: more may be due past the batch.)
+                    nxt = None
             except Exception:
                 log.exception("timer check failed; will try again")
                 nxt = None
