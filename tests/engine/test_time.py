@@ -375,6 +375,36 @@ def test_an_expiry_default_is_checked_against_the_schema_when_the_gate_is_made()
     assert ws.gate("ok", schema=bool, expires_after=60).expiry == (60.0, "fail")
 
 
+async def test_an_expired_pause_in_a_saga_undoes_the_stages_before_it(db: Path) -> None:
+    """Failing by expiry is failing: the completed stages are compensated, last first,
+    and the run is then refused a retry like any compensated run."""
+    undone.clear()
+    clock = ws.ManualClock(start=0.0)
+    waiting = ws.Pipeline(
+        "saga-waiting",
+        [reserve, charge, ws.gate("approval", schema=bool, expires_after=DAY), ship],
+        on_failure="compensate",
+    )
+    async with ws.Engine.open(db, pipelines=[waiting], clock=clock) as engine:
+        run = await engine.start(waiting, {"item": "lamp", "amount": 30})
+        assert run.status == "paused"
+        clock.advance(DAY)
+        done = await _settled(engine, run.run_id)
+        assert done.status == "failed" and done.error is not None
+        assert done.error.type == "waystation.errors.PauseExpired"
+        events = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+        with pytest.raises(ws.InvalidRunState, match="compensated"):
+            await engine.retry(run.run_id)
+    assert undone == ["refund 30", "unreserve R-lamp"]
+    assert [e for e in events if e[0] in ("expired", "compensating", "compensated", "failed")] == [
+        ("expired", "approval"),
+        ("compensating", "approval"),
+        ("compensated", "charge"),
+        ("compensated", "reserve"),
+        ("failed", "approval"),
+    ]
+
+
 SAGA_SCRIPT = """
 import os, sys, time, anyio, waystation as ws
 

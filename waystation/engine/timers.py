@@ -147,11 +147,39 @@ class Timers:
                 stage_name=pause.stage_name,
             )
             stored = codec.encode(info).decode()
+            expired = NewTransition("expired", pause.stage_index, pause.stage_path)
+            if p.on_failure == "compensate":
+                # A failure like any other: its stages before the gate are undone first.
+                # Committed as a compensation under way (as after a crash there), and
+                # continued by a driver that finishes it and then fails the run.
+                seq = await engine.store.update_run(
+                    record.run_id,
+                    Guard(("paused",), seq=record.seq),
+                    [
+                        expired,
+                        NewTransition(
+                            "compensating", pause.stage_index, pause.stage_name, error=stored
+                        ),
+                    ],
+                    {
+                        "status": "running",
+                        "pause": None,
+                        "wake_at": None,
+                        "lease_owner": engine.owner,
+                        "lease_expires": time.time() + engine.lease_ttl,
+                    },
+                )
+                if seq is None:
+                    return 0
+                log.info("run %s: %s; compensating", record.run_id, err)
+                await engine._continue(p, record.run_id)
+                await engine._wake_ancestors(record)
+                return 1
             seq = await engine.store.update_run(
                 record.run_id,
                 Guard(("paused",), seq=record.seq),
                 [
-                    NewTransition("expired", pause.stage_index, pause.stage_path),
+                    expired,
                     NewTransition("failed", pause.stage_index, pause.stage_name, error=stored),
                 ],
                 {"status": "failed", "error": stored, "pause": None, "wake_at": None},
