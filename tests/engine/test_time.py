@@ -8,6 +8,7 @@ import os
 import sqlite3
 import textwrap
 from collections import Counter
+from contextlib import closing
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -365,6 +366,33 @@ async def test_recovery_leaves_a_parked_run_alone_on_a_manual_clock(db: Path) ->
         assert (await engine.get(run.run_id)).status == "pending"
         events = [t.event for t in await engine.history(run.run_id)]
     assert "recovered" not in events and events[-1] == "sleeping"
+
+
+async def test_a_sleeping_run_whose_stored_output_no_longer_decodes_is_not_taken(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its wake-up comes, but its state cannot be loaded: the timer leaves it as it was
+    (pending, held by nobody, for an engine with the version it needs), saying why,
+    instead of taking it and driving nothing."""
+    clock = ws.ManualClock(start=1_000_000.0)
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock) as engine:
+        run = await engine.submit(napping, {"n": 1})
+        await _until(engine, run.run_id, "pending")
+    with closing(sqlite3.connect(db)) as conn, conn:  # `prepare` returned an int
+        conn.execute(
+            "UPDATE transitions SET payload = '\"oops\"' WHERE run_id = ? "
+            "AND event = 'succeeded' AND stage_index = 0",
+            (run.run_id,),
+        )
+    caplog.set_level(logging.WARNING, logger="waystation")
+    async with ws.Engine.open(db, pipelines=[napping], clock=clock) as engine:
+        clock.advance(2 * DAY)
+        await anyio.sleep(0.2)
+        parked = await engine.get(run.run_id)
+        assert (parked.status, engine.active_runs) == ("pending", [])
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT lease_owner FROM runs").fetchone() == (None,)
+    assert any("timer not applied" in r.getMessage() for r in caplog.records)
 
 
 def test_an_expiry_default_is_checked_against_the_schema_when_the_gate_is_made() -> None:

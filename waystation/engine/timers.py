@@ -104,6 +104,9 @@ class Timers:
         if record.run_id in engine._active:
             return 0
         p = engine._pipeline_of(record)
+        # Before taking it, as resume does: a run whose stored values no longer decode
+        # would be left taken and never driven.
+        await engine._check_loadable(p, record)
         seq = await engine.store.update_run(
             record.run_id,
             Guard(("pending",), seq=record.seq),
@@ -133,6 +136,7 @@ class Timers:
         if not due:
             return 0
         pause = min(due, key=lambda q: q.expires_at or 0.0)
+        await engine._check_loadable(p, record)  # as in _wake
         gate = p.stage_at(pause.stage_index, pause.stage_path)
         on_expire: Any = gate.expiry[1] if gate.expiry is not None else "fail"
         if isinstance(on_expire, str) and on_expire == "fail":
