@@ -1129,6 +1129,38 @@ async def test_a_cancel_from_another_engine_as_the_run_pauses(db: Path) -> None:
     assert journal(db, run.run_id)[-1][2] == "cancelled"
 
 
+async def test_a_long_stage_is_interrupted_by_a_cancel_from_another_process(db: Path) -> None:
+    """Engine B (a web handler, the CLI) can only mark a run engine A drives. A long stage
+    must not put the cancel off until it ends: A interrupts it within its poll interval,
+    and the run ends cancelled at that stage."""
+    entered = anyio.Event()
+    interrupted = anyio.Event()
+
+    @ws.stage
+    async def long_job() -> int:
+        entered.set()
+        try:
+            await anyio.sleep(3600)
+        finally:
+            interrupted.set()
+        return 1
+
+    p = ws.Pipeline("long-job", [long_job])
+    async with (
+        ws.Engine.open(db, pipelines=[p], poll_interval=0.05) as a,
+        ws.Engine.open(db, pipelines=[p]) as b,
+    ):
+        run = await a.submit(p)
+        with anyio.fail_after(SAFETY):
+            await entered.wait()
+            marked = await b.cancel(run.run_id)
+            assert marked.status == "running" and marked.cancel_requested
+            await interrupted.wait()
+            final = await a.wait(run.run_id)
+    assert final.status == "cancelled"
+    assert [(r[2], r[1]) for r in journal(db, run.run_id)][-1] == ("cancelled", 0)
+
+
 # -- many runs --------------------------------------------------------------------------------
 
 

@@ -1062,8 +1062,9 @@ class Engine:
         already under way, the run is cancelled at the stage after it (or, if that commit
         finished the run, stays succeeded). A paused run, or one no engine drives (asleep,
         waiting for a worker with its pipeline, left by a closed engine), is cancelled at
-        once. A run driven by another engine is marked; that engine cancels it at its next
-        commit (the returned run then still says `running`, `cancel_requested`).
+        once. A run driven by another engine is marked; that engine interrupts it within
+        its `poll_interval` (or at its next commit, if sooner); the returned run then still
+        says `running`, `cancel_requested`.
         """
         run = await self._cancel_one(run_id)
         tree = await self.store.tree(run.root_run_id)
@@ -1118,7 +1119,7 @@ class Engine:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
             )
-            # Its engine cancels it at its next commit (guarded on the mark). But it may
+            # Its engine interrupts it (at its next poll or commit). But it may
             # have paused or gone to sleep between our read and the mark, which then
             # missed or waits for its wake-up: look again.
             now = await self._record(run_id)
@@ -1379,10 +1380,23 @@ class Engine:
                 if time.monotonic() - last_renewal >= renew_every:
                     await self.store.renew_leases(self.owner, time.time() + self.lease_ttl)
                     last_renewal = time.monotonic()
+                if self._active:
+                    await self._honour_cancel_requests()
                 if self._recover_on_open:
                     await self.recover()
             except Exception:
                 log.exception("lease maintenance failed; will try again")
+
+    async def _honour_cancel_requests(self) -> None:
+        """Interrupt the runs driven here that another process asked to cancel (`cancel`
+        there can only mark them): within a poll interval, not at their next commit,
+        which a long stage may put off for hours."""
+        for run_id in await self.store.cancel_requests(self.owner):
+            driver = self._active.get(run_id)
+            if driver is not None and not driver.cancel_requested:
+                log.info("run %s: cancel asked elsewhere; interrupting it", run_id)
+                driver.cancel_requested = True
+                driver.scope.cancel()
 
     def _check_open(self) -> None:
         if not self._opened:

@@ -193,6 +193,9 @@ class Store(Protocol):
     async def release_leases(self, owner: str) -> int:
         """Drop `owner`'s leases (clean shutdown) so another engine may continue at once."""
 
+    async def cancel_requests(self, owner: str) -> list[str]:
+        """Ids of the active runs `owner` holds that someone has asked to cancel."""
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         """One run row, or None."""
 

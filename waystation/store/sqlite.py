@@ -488,6 +488,16 @@ class SQLiteStore:
         count: int = await self._write(op)
         return count
 
+    async def cancel_requests(self, owner: str) -> list[str]:
+        rows = await self._read(
+            # Through the status index: only the active runs are looked at, not the
+            # paused and finished ones, however many.
+            "SELECT run_id FROM runs WHERE status IN ('pending', 'running') "
+            "AND cancel_requested = 1 AND lease_owner = ?",
+            (owner,),
+        )
+        return [r[0] for r in rows]
+
     async def release_leases(self, owner: str) -> int:
         def op(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
             cur = conn.execute(
