@@ -467,6 +467,44 @@ async def test_a_parent_paused_on_a_child_is_woken_when_the_child_ends(db: Path)
     assert done.status == "succeeded" and done.output is True
 
 
+async def test_closing_while_a_parent_waits_on_its_child(db: Path) -> None:
+    """The child finishes its stage in hand and is left for the next engine; the parent,
+    waiting on it, is left at once too (not at the end of the grace period). The next
+    engine finishes both, each stage committed once."""
+    executed.clear()
+    started = anyio.Event()
+
+    @ws.stage
+    async def part_one(n: int) -> int:
+        executed["part_one"] += 1
+        started.set()
+        await anyio.sleep(0.2)
+        return n + 1
+
+    @ws.stage
+    async def part_two(part_one: int) -> int:
+        executed["part_two"] += 1
+        return part_one + 1
+
+    two_parts = ws.Pipeline("two-parts", [part_one, part_two])
+
+    @ws.stage
+    async def delegate(n: int, ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(two_parts, {"n": n}))
+
+    parent = ws.Pipeline("waits-on-two-parts", [delegate])
+    engine = await ws.Engine.open(db, pipelines=[parent], shutdown_grace=120)
+    run = await engine.submit(parent, {"n": 1})
+    with anyio.fail_after(SAFETY):  # before: the whole 120 s grace
+        await started.wait()
+        await engine.close()
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        with anyio.fail_after(SAFETY):
+            done = await engine.wait(run.run_id)
+    assert done.status == "succeeded" and done.output == 3
+    assert executed == Counter({"part_one": 1, "part_two": 1})
+
+
 # -- failures that do not stop the run, branch, loop, mapping --------------------------------
 
 

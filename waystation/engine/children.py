@@ -198,6 +198,11 @@ class ChildRunner:
                 first = pauses[0]
                 raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
             if child_id not in engine._active:
+                if parent.stopping:
+                    # The engine is closing and left the child for the next engine: so
+                    # this stage is left too (re-entered there, it finds its child by
+                    # key), now rather than when the grace period runs out.
+                    parent.scope.cancel()
                 # Driven by another engine, or waiting to be recovered: look again soon.
                 await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
                 delay = min(delay * 2, 0.5)
