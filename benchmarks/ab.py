@@ -98,7 +98,7 @@ def main() -> None:
     for side in ("base", "work"):
         d = results[side]
         line = [
-            f"{k} {median(v):,.1f}" + (" tr/s" if k == "D" else " us/stage") for k, v in d.items()
+            f"{k} {median(v):,.1f}" + (" tr/s" if k in "BD" else " us/stage") for k, v in d.items()
         ]
         if "D" in d:
             ratios = [x / b for x, b in zip(d["D"], results["raw"]["B"], strict=True)]
