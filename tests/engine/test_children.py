@@ -469,8 +469,8 @@ async def test_a_parent_paused_on_a_child_is_woken_when_the_child_ends(db: Path)
 
 async def test_closing_while_a_parent_waits_on_its_child(db: Path) -> None:
     """The child finishes its stage in hand and is left for the next engine; the parent,
-    waiting on it, is left at once too (not at the end of the grace period). The next
-    engine finishes both, each stage committed once."""
+    waiting on it, is left when the grace period ends. The next engine finishes both,
+    each stage committed once."""
     executed.clear()
     started = anyio.Event()
 
@@ -493,9 +493,9 @@ async def test_closing_while_a_parent_waits_on_its_child(db: Path) -> None:
         return int(await ctx.run_child(two_parts, {"n": n}))
 
     parent = ws.Pipeline("waits-on-two-parts", [delegate])
-    engine = await ws.Engine.open(db, pipelines=[parent], shutdown_grace=120)
+    engine = await ws.Engine.open(db, pipelines=[parent], shutdown_grace=0.5)
     run = await engine.submit(parent, {"n": 1})
-    with anyio.fail_after(SAFETY):  # before: the whole 120 s grace
+    with anyio.fail_after(SAFETY):
         await started.wait()
         await engine.close()
     async with ws.Engine.open(db, pipelines=[parent]) as engine:
@@ -503,6 +503,141 @@ async def test_closing_while_a_parent_waits_on_its_child(db: Path) -> None:
             done = await engine.wait(run.run_id)
     assert done.status == "succeeded" and done.output == 3
     assert executed == Counter({"part_one": 1, "part_two": 1})
+
+
+async def test_closing_lets_a_sibling_branch_of_a_waiting_child_finish(db: Path) -> None:
+    """A group with a branch waiting on a child and a plain branch in flight: close gives
+    the plain branch its grace to finish (it must not run again in the next engine)."""
+    executed.clear()
+    plain_started = anyio.Event()
+
+    @ws.stage
+    async def api_call() -> int:
+        executed["api_call"] += 1
+        plain_started.set()
+        await anyio.sleep(0.3)
+        return 1
+
+    @ws.stage
+    async def kid_branch(ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(forever, {"n": 1}))
+
+    parent = ws.Pipeline("sibling-in-grace", [ws.parallel(api_call, kid_branch, name="g")])
+    engine = await ws.Engine.open(db, pipelines=[parent], shutdown_grace=1.0)
+    run = await engine.submit(parent)
+    with anyio.fail_after(SAFETY):
+        await plain_started.wait()
+        await engine.close()
+    assert executed["api_call"] == 1
+    async with ws.Engine.open(db, pipelines=[parent], recover=False) as engine:
+        events = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+    assert ("succeeded", "g.api_call") in events  # committed within the grace
+
+
+# -- three levels: a grandchild's pause shown by its grandparent ------------------------------
+
+g_asks = ws.Pipeline(
+    "g-asks",
+    [
+        ws.gate("g1", schema=bool),
+        ws.gate("g2", schema=bool),
+        ws.stage(lambda g1, g2: g1 and g2, name="g_done"),
+    ],
+)
+
+
+@ws.stage
+async def c_waits(x: int, ctx: ws.StageContext) -> bool:
+    return bool(await ctx.run_child(g_asks, {}))
+
+
+c_level = ws.Pipeline("c-level", [c_waits])
+
+
+@ws.stage
+async def p_waits(x: int, ctx: ws.StageContext) -> str:
+    try:
+        return str(await ctx.run_child(c_level, {"x": x}))
+    except ws.ChildFailed as exc:
+        return f"failed below: {exc}"
+
+
+p_level = ws.Pipeline("p-level", [p_waits])
+
+
+async def test_cancelling_the_middle_of_three_frees_the_top(db: Path) -> None:
+    """The top shows the grandchild's pause (its run id is the grandchild's); cancelling
+    the middle run (and so the grandchild) must still let the top go on."""
+    async with ws.Engine.open(db, pipelines=[p_level]) as engine:
+        run = await engine.start(p_level, {"x": 1})
+        assert run.status == "paused"
+        (middle,) = await engine.list(parent_run_id=run.run_id)
+        assert (await engine.cancel(middle.run_id)).status == "cancelled"
+        with anyio.fail_after(SAFETY):
+            done = await engine.wait(run.run_id)
+    assert done.status == "succeeded" and done.output.startswith("failed below")
+
+
+async def test_a_stale_middle_run_is_woken_rather_than_shown_again(db: Path) -> None:
+    """The middle run's wake-up was lost (as in a crash) when the grandchild moved on to
+    its second gate. The top, woken, must wake the middle instead of pausing again on the
+    middle's stale pause, over and over: it ends paused on the second gate, answerable."""
+    async with ws.Engine.open(db, pipelines=[p_level]) as engine:
+        run = await engine.start(p_level, {"x": 1})
+        (middle,) = await engine.list(parent_run_id=run.run_id)
+        (bottom,) = await engine.list(parent_run_id=middle.run_id)
+        wake_ancestors = engine._wake_ancestors
+
+        async def lost(child: Any) -> None:
+            return None
+
+        engine._wake_ancestors = lost  # type: ignore[method-assign]
+        assert (await engine.resume(bottom.run_id, True)).pause.kind == "g2"
+        engine._wake_ancestors = wake_ancestors  # type: ignore[method-assign]
+        with anyio.fail_after(SAFETY):
+            await engine.wake_if_stale(run.run_id)
+            top = await engine.wait(run.run_id)
+            assert top.status == "paused" and top.pause.kind == "g2"
+            rows = len(await engine.history(run.run_id))
+            await anyio.sleep(0.3)
+            assert len(await engine.history(run.run_id)) == rows  # settled, not looping
+            done = await engine.resume(run.run_id, True)
+    assert done.status == "succeeded" and done.output == "True"
+
+
+async def test_closing_during_a_child_create_leaves_the_parent_for_the_next_engine(
+    db: Path,
+) -> None:
+    """The create is with the writer when close runs out of grace: the parent is not
+    failed (by an error of the engine's own), and the next engine finishes it."""
+    kid = ws.Pipeline("kid", [ws.stage(lambda: 1, name="one")])
+
+    @ws.stage
+    async def launch(ctx: ws.StageContext) -> int:
+        return int(await ctx.run_child(kid, {}))
+
+    parent = ws.Pipeline("launching", [launch])
+    engine = await ws.Engine.open(db, pipelines=[parent])
+    create_run = engine.store.create_run
+    creating = anyio.Event()
+
+    async def slow_create(new: Any) -> Any:
+        if new.parent_run_id is not None:
+            creating.set()
+            await anyio.sleep(0.2)  # a busy writer
+        return await create_run(new)
+
+    engine.store.create_run = slow_create  # type: ignore[method-assign]
+    run = await engine.submit(parent)
+    with anyio.fail_after(SAFETY):
+        await creating.wait()
+        await engine.close(grace=0)
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        with anyio.fail_after(SAFETY):
+            done = await engine.wait(run.run_id)
+        events = [t.event for t in await engine.history(run.run_id)]
+    assert done.status == "succeeded" and done.output == 1
+    assert "failed" not in events and "recovered" in events
 
 
 # -- failures that do not stop the run, branch, loop, mapping --------------------------------

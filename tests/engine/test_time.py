@@ -395,6 +395,26 @@ async def test_a_sleeping_run_whose_stored_output_no_longer_decodes_is_not_taken
     assert any("timer not applied" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_pause_of_a_run_whose_state_no_longer_loads_still_expires(db: Path) -> None:
+    """Failing it by expiry needs nothing loaded: a damaged output must not keep the run
+    paused past its expiry."""
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:
+        run = await engine.start(strict)
+        assert run.status == "paused"
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(
+            "UPDATE transitions SET payload = '[1, 2]' WHERE run_id = ? AND event = 'created'",
+            (run.run_id,),
+        )
+        conn.execute("UPDATE runs SET input = '[1, 2]' WHERE run_id = ?", (run.run_id,))
+    async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:
+        clock.advance(3 * DAY)
+        done = await _settled(engine, run.run_id)
+    assert done.status == "failed" and done.error is not None
+    assert done.error.type == "waystation.errors.PauseExpired"
+
+
 def test_an_expiry_default_is_checked_against_the_schema_when_the_gate_is_made() -> None:
     with pytest.raises(ws.PipelineDefinitionError, match="on_expire='maybe'"):
         ws.gate("ok", schema=bool, expires_after=60, on_expire="maybe")

@@ -184,6 +184,8 @@ class ChildRunner:
             if record.status == "cancelled":
                 raise ChildFailed(f"{chain}: child run {child_id} was cancelled")
             if record.status == "paused" and record.pause is not None:
+                if await engine.wake_if_stale(child_id):
+                    continue  # it was paused on a pause below it that is gone: wait for it
                 # The parent shows the child's open pauses, each still pointing at the run
                 # that waits (pause.run_id) and named uniquely within the parent.
                 pauses = []
@@ -198,11 +200,6 @@ class ChildRunner:
                 first = pauses[0]
                 raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
             if child_id not in engine._active:
-                if parent.stopping:
-                    # The engine is closing and left the child for the next engine: so
-                    # this stage is left too (re-entered there, it finds its child by
-                    # key), now rather than when the grace period runs out.
-                    parent.scope.cancel()
                 # Driven by another engine, or waiting to be recovered: look again soon.
                 await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
                 delay = min(delay * 2, 0.5)
@@ -224,8 +221,14 @@ class ChildRunner:
                 raise
 
     async def _stop(self, child_id: str) -> None:
-        with contextlib.suppress(InvalidRunState):
+        try:
             await self.engine.cancel(child_id)
+        except InvalidRunState:
+            pass  # it ended meanwhile
+        except Exception as exc:  # tidying up: the stop must go on as it was
+            # (the engine closing meanwhile, say); the child is cancelled by the tree walk
+            # of a cancel, or recovered with its parent.
+            log.warning("child run %s not stopped: %s", child_id, exc)
 
     async def stage_outputs(self, p: Pipeline, run_id: str) -> dict[str, Any]:
         """The outputs of a finished run's stages, by stage name."""

@@ -568,7 +568,12 @@ class Engine:
         self._launch(driver)
 
     def _launch(self, driver: Driver) -> None:
-        assert self._task_group is not None
+        if self._task_group is None:
+            # Closed (a shielded create or a wake-up that finished after close stopped
+            # the drivers): nothing may run past close; the run stays as committed, and
+            # its lease is released or expires, for the next engine.
+            log.info("run %s left for the next engine (closing)", driver.run_id)
+            return
         if self._closing:
             driver.stopping = True  # a child launched while closing: left for recovery
         self._active[driver.run_id] = driver
@@ -589,7 +594,7 @@ class Engine:
             await driver.drive()
             final = driver.final
             if final is not None and final.depth and final.status in TERMINAL:
-                await self.wake_if_stale(final.parent_run_id)
+                await self.wake_stale_ancestors(final)
         finally:
             if self._active.get(driver.run_id) is driver:
                 del self._active[driver.run_id]
@@ -761,18 +766,32 @@ class Engine:
                 "it started with, or give the changed pipeline a new version"
             ) from exc
 
-    async def wake_if_stale(self, run_id: str | None) -> None:
+    async def wake_stale_ancestors(self, run: RunRecord) -> None:
+        """`wake_if_stale` for each run above `run`, nearest first: a run paused on a pause
+        of a run below it shows the deepest run's pause, so every level may need it."""
+        parent_id = run.parent_run_id
+        seen = 0
+        while parent_id is not None and seen < 64 and not self._closing:
+            seen += 1
+            await self.wake_if_stale(parent_id)
+            try:
+                parent = await self.store.get_run(parent_id)
+            except WaystationError:
+                return
+            parent_id = parent.parent_run_id if parent is not None else None
+
+    async def wake_if_stale(self, run_id: str | None) -> bool:
         """Continue `run_id` if it is paused on a pause of a run below it that is no longer
         open. That happens when it read the run below as paused just before the pause was
         answered (or the run ended) and committed its own pause after `resume` had looked
         for paused ancestors to wake. Called after such a pause commits, and when a child
         run ends; one read when, as usual, the run is not paused."""
         if run_id is None or self._closing:
-            return  # closing: left as it is, for the next engine
+            return False  # closing: left as it is, for the next engine
         try:
             record = await self.store.get_run(run_id)
             if record is None or record.status != "paused":
-                return
+                return False
             pauses = decode_pauses(record.pause)
             for pause in pauses:
                 if pause.run_id is None or pause.run_id == run_id:
@@ -783,10 +802,10 @@ class Engine:
                     below.status == "paused"
                     and any(q.pause_id == origin for q in decode_pauses(below.pause))
                 ):
-                    await self._wake(record, pauses)
-                    return
+                    return await self._wake(record, pauses)
         except WaystationError as exc:
             log.warning("run %s: could not look at its pauses again: %s", run_id, exc)
+        return False
 
     async def _wake(self, parent: RunRecord, pauses: builtins.list[Pause]) -> bool:
         """Take a run paused on its children's pauses out of its pause: it re-enters the
@@ -1112,9 +1131,9 @@ class Engine:
             )
             if seq is None:
                 return await self._cancel_one(run_id)  # it moved on meanwhile: look again
-            # A parent paused on this run's pause would otherwise wait for it forever: it
-            # continues, and finds its child cancelled.
-            await self._wake_ancestors(record)
+            # A run above, paused on this run's pause (or on one below it, which it shows),
+            # would otherwise wait forever: it continues, and finds its child cancelled.
+            await self.wake_stale_ancestors(record)
         else:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}

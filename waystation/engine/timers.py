@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ..errors import PauseExpired, PipelineNotRegistered, WaystationError
+from ..errors import PauseExpired, PipelineChanged, PipelineNotRegistered, WaystationError
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord
 from .models import StageError, decode_pauses
@@ -88,6 +88,8 @@ class Timers:
         if self.engine._closing:
             return 0
         for record in await self.engine.store.due_runs(now):
+            if record.run_id in self.engine._unloadable:
+                continue  # said why once already
             try:
                 if record.status == "pending":
                     acted += await self._wake(record)
@@ -106,7 +108,7 @@ class Timers:
         p = engine._pipeline_of(record)
         # Before taking it, as resume does: a run whose stored values no longer decode
         # would be left taken and never driven.
-        await engine._check_loadable(p, record)
+        await self._loadable(p, record)
         seq = await engine.store.update_run(
             record.run_id,
             Guard(("pending",), seq=record.seq),
@@ -136,7 +138,6 @@ class Timers:
         if not due:
             return 0
         pause = min(due, key=lambda q: q.expires_at or 0.0)
-        await engine._check_loadable(p, record)  # as in _wake
         gate = p.stage_at(pause.stage_index, pause.stage_path)
         on_expire: Any = gate.expiry[1] if gate.expiry is not None else "fail"
         if isinstance(on_expire, str) and on_expire == "fail":
@@ -153,6 +154,7 @@ class Timers:
             stored = codec.encode(info).decode()
             expired = NewTransition("expired", pause.stage_index, pause.stage_path)
             if p.on_failure == "compensate":
+                await self._loadable(p, record)  # a driver goes on with it (see _wake)
                 # A failure like any other: its stages before the gate are undone first.
                 # Committed as a compensation under way (as after a crash there), and
                 # continued by a driver that finishes it and then fails the run.
@@ -192,6 +194,7 @@ class Timers:
                 return 0
             log.info("run %s failed: %s", record.run_id, err)
         else:
+            await self._loadable(p, record)  # it goes on (see _wake)
             answer = engine._check_answer(record.run_id, p, pause, on_expire)
             transitions, values = engine._answer(record, p, pauses, pause, answer)
             transitions.insert(0, NewTransition("expired", pause.stage_index, pause.stage_path))
@@ -209,6 +212,15 @@ class Timers:
                 await engine._continue(p, record.run_id)
         await engine._wake_ancestors(record)
         return 1
+
+    async def _loadable(self, p: Any, record: RunRecord) -> None:
+        """`PipelineChanged` if the run's stored values no longer decode; such a run is
+        then left alone by this engine (said once, not at every look)."""
+        try:
+            await self.engine._check_loadable(p, record)
+        except PipelineChanged:
+            self.engine._unloadable.add(record.run_id)
+            raise
 
 
 def _stage_name(p: Any, i: int) -> str | None:
