@@ -3,7 +3,9 @@ pause propagation, budgets, cycles, cancellation of trees, failure chains."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -603,6 +605,36 @@ async def test_a_stale_middle_run_is_woken_rather_than_shown_again(db: Path) -> 
             assert len(await engine.history(run.run_id)) == rows  # settled, not looping
             done = await engine.resume(run.run_id, True)
     assert done.status == "succeeded" and done.output == "True"
+
+
+async def test_a_stale_middle_run_that_no_longer_loads_fails_the_link(db: Path) -> None:
+    """As above, and the middle run's stored input is damaged: it is not taken (it would
+    be driven by nobody, under a lease kept alive), and the top learns it cannot go on,
+    instead of waking and pausing again without end."""
+    async with ws.Engine.open(db, pipelines=[p_level]) as engine:
+        run = await engine.start(p_level, {"x": 1})
+        (middle,) = await engine.list(parent_run_id=run.run_id)
+        (bottom,) = await engine.list(parent_run_id=middle.run_id)
+
+        async def lost(child: Any) -> None:
+            return None
+
+        engine._wake_ancestors = lost  # type: ignore[method-assign]
+        await engine.resume(bottom.run_id, True)
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("UPDATE runs SET input = '[1, 2]' WHERE run_id = ?", (middle.run_id,))
+    async with ws.Engine.open(db, pipelines=[p_level]) as engine:
+        with anyio.fail_after(SAFETY):
+            await engine.wake_if_stale(run.run_id)
+            top = await engine.wait(run.run_id)
+        stuck = await engine.get(middle.run_id)
+    assert top.status == "succeeded" and "cannot go on" in top.output
+    assert stuck.status == "paused"
+    with closing(sqlite3.connect(db)) as conn:
+        lease = conn.execute(
+            "SELECT lease_owner FROM runs WHERE run_id = ?", (middle.run_id,)
+        ).fetchone()
+    assert lease == (None,)
 
 
 async def test_closing_during_a_child_create_leaves_the_parent_for_the_next_engine(

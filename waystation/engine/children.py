@@ -186,6 +186,13 @@ class ChildRunner:
             if record.status == "paused" and record.pause is not None:
                 if await engine.wake_if_stale(child_id):
                     continue  # it was paused on a pause below it that is gone: wait for it
+                if child_id in engine._unloadable:
+                    # Stale, and it cannot be continued here: showing its pause again would
+                    # only wake this run again, and again.
+                    raise ChildFailed(
+                        f"{chain}: child run {child_id} cannot go on: its stored values no "
+                        "longer load under its pipeline (see the log)"
+                    )
                 # The parent shows the child's open pauses, each still pointing at the run
                 # that waits (pause.run_id) and named uniquely within the parent.
                 pauses = []

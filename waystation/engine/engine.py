@@ -810,11 +810,21 @@ class Engine:
     async def _wake(self, parent: RunRecord, pauses: builtins.list[Pause]) -> bool:
         """Take a run paused on its children's pauses out of its pause: it re-enters the
         stage that launched them and waits for them again (or shows their remaining pauses
-        again). False if it changed meanwhile."""
+        again). False if it changed meanwhile, or if its stored values no longer load (it
+        is then left paused, and remembered: taken, it would be driven by nobody)."""
         try:
             p: Pipeline | None = self._pipeline_of(parent)
         except PipelineNotRegistered:
             p = None
+        if parent.run_id in self._unloadable:
+            return False
+        if p is not None:
+            try:
+                await self._check_loadable(p, parent)
+            except PipelineChanged as exc:
+                self._unloadable.add(parent.run_id)
+                log.error("run %s not continued: %s", parent.run_id, exc)
+                return False
         values: dict[str, Any] = {"status": "pending", "pause": None}
         if p is not None:
             values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
