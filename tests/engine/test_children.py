@@ -455,9 +455,10 @@ async def test_a_parent_paused_on_a_child_is_woken_when_the_child_ends(db: Path)
         run = await engine.start(asker, {"x": 1})
         assert run.status == "paused"
         (child,) = await engine.list(parent_run_id=run.run_id)
+        wake_ancestors = engine._wake_ancestors
 
-        async def lost(child: Any) -> None:  # the wake-up that the crash took
-            return None
+        async def lost(child: Any) -> None:  # the wake-up that the crash took (the answer's)
+            engine._wake_ancestors = wake_ancestors  # type: ignore[method-assign]
 
         engine._wake_ancestors = lost  # type: ignore[method-assign]
         with anyio.fail_after(SAFETY):

@@ -594,7 +594,7 @@ class Engine:
             await driver.drive()
             final = driver.final
             if final is not None and final.depth and final.status in TERMINAL:
-                await self.wake_stale_ancestors(final)
+                await self._wake_ancestors(final)
         finally:
             if self._active.get(driver.run_id) is driver:
                 del self._active[driver.run_id]
@@ -766,9 +766,12 @@ class Engine:
                 "it started with, or give the changed pipeline a new version"
             ) from exc
 
-    async def wake_stale_ancestors(self, run: RunRecord) -> None:
-        """`wake_if_stale` for each run above `run`, nearest first: a run paused on a pause
-        of a run below it shows the deepest run's pause, so every level may need it."""
+    async def _wake_ancestors(self, run: RunRecord) -> None:
+        """Continue the runs above `run` that were paused on a pause that is no longer
+        open (`run` was answered, its pause expired, it ended or was cancelled): each
+        re-enters the stage that launched its child, finds it by key, and waits for it
+        again (or shows the pauses still open). Nearest first, every level: a run paused
+        on a child's pause shows the deepest run's pause."""
         parent_id = run.parent_run_id
         seen = 0
         while parent_id is not None and seen < 64 and not self._closing:
@@ -812,12 +815,12 @@ class Engine:
         stage that launched them and waits for them again (or shows their remaining pauses
         again). False if it changed meanwhile, or if its stored values no longer load (it
         is then left paused, and remembered: taken, it would be driven by nobody)."""
+        if parent.run_id in self._unloadable:
+            return False
         try:
             p: Pipeline | None = self._pipeline_of(parent)
         except PipelineNotRegistered:
             p = None
-        if parent.run_id in self._unloadable:
-            return False
         if p is not None:
             try:
                 await self._check_loadable(p, parent)
@@ -840,22 +843,6 @@ class Engine:
         if p is not None:
             await self._continue(p, parent.run_id)
         return True
-
-    async def _wake_ancestors(self, child: RunRecord) -> None:
-        """Continue the ancestors that were paused because `child` was: each re-enters the
-        stage that launched its child, finds it by key, and waits for it again (or shows
-        its remaining pauses again)."""
-        parent_id = child.parent_run_id
-        while parent_id is not None:
-            parent = await self.store.get_run(parent_id)
-            if parent is None or parent.status != "paused":
-                return
-            pauses = decode_pauses(parent.pause)
-            if not any(q.run_id == child.run_id for q in pauses):
-                return
-            if not await self._wake(parent, pauses):
-                return
-            parent_id = parent.parent_run_id
 
     def _check_answer(self, run_id: str, p: Pipeline | None, pause: Pause, value: Any) -> str:
         """Validate a resume value against the pause's schema; the JSON to commit."""
@@ -1143,7 +1130,7 @@ class Engine:
                 return await self._cancel_one(run_id)  # it moved on meanwhile: look again
             # A run above, paused on this run's pause (or on one below it, which it shows),
             # would otherwise wait forever: it continues, and finds its child cancelled.
-            await self.wake_stale_ancestors(record)
+            await self._wake_ancestors(record)
         else:
             await self.store.update_run(
                 run_id, Guard(("running", "pending")), [], {"cancel_requested": 1}
