@@ -61,7 +61,30 @@ def _sized(template: str, width: int) -> dict[int, str]:
     return {n: template.format(values=_values(width, n)) for n in CHUNKS}
 
 
-_INSERT_ROWS = _sized(f"INSERT INTO transitions ({STORED_FIELDS}) VALUES {{values}}", 12)
+# Python's sqlite3 (3.11) binds a None through its adapter lookup, which raises and clears
+# an AttributeError each time: ~0.2 us, twice an int's whole cost. Most journal rows hold
+# a few NULLs (every stage row's error), so the nullable columns, but for the payload, are
+# bound as "" (never a value of theirs: no name, path, event, index or error is empty) and
+# turned back into NULL by SQLite.
+_NULL = ""
+_JOURNAL_ROW = (
+    "(?, ?, NULLIF(?, ''), NULLIF(?, ''), ?, ?, ?, NULLIF(?, ''), ?, "
+    "NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''))"
+)
+_INSERT_ROWS = {
+    n: f"INSERT INTO transitions ({STORED_FIELDS}) VALUES {', '.join([_JOURNAL_ROW] * n)}"
+    for n in CHUNKS
+}
+# A new run has no output, error, pause or cancel yet (literals, not parameters); its
+# optional columns are bound as "" for None (`Create._bound`).
+_RUN_ROW = (
+    "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULLIF(?, ''), ?, ?, ?, NULLIF(?, ''), "
+    "NULLIF(?, ''), NULLIF(?, ''), 0, NULLIF(?, ''), ?, ?, NULLIF(?, ''))"
+)
+_CREATE_ROWS = {
+    n: f"INSERT INTO runs ({RUN_FIELDS}) VALUES {', '.join([_RUN_ROW] * n)} ON CONFLICT DO NOTHING"
+    for n in CHUNKS
+}
 
 
 def append(
@@ -75,6 +98,7 @@ def append(
     """
     seq = first_seq
     last: tuple[Any, ...] | None = None  # this write's last row, if nothing is folded into it
+    follows = 0  # the stage index a row folded into `last` must have
     for event, stage_index, stage_path, attempt, payload, error in transitions:
         seq += 1
         if (
@@ -82,13 +106,24 @@ def append(
             and event in FOLDED
             and payload is None
             and error is None
-            and stage_index == (0 if last[2] is None else last[2] + 1)
+            and stage_index == follows
         ):
-            rows[-1] = (*last[:9], event, stage_path, attempt)
+            rows[-1] = (*last[:9], event, _NULL if stage_path is None else stage_path, attempt)
             last = None
             continue
-        last = (run_id, seq, stage_index, stage_path, event, attempt, payload, error, now)
-        rows.append((*last, None, None, None))
+        follows = 0 if stage_index is None else stage_index + 1
+        last = (
+            run_id,
+            seq,
+            _NULL if stage_index is None else stage_index,
+            _NULL if stage_path is None else stage_path,
+            event,
+            attempt,
+            payload,
+            _NULL if error is None else error,
+            now,
+        )
+        rows.append((*last, _NULL, _NULL, _NULL))
 
 
 def expand(rows: Sequence[Sequence[Any]]) -> list[TransitionRecord]:
@@ -136,9 +171,7 @@ class Create:
 
     __slots__ = ("run",)
 
-    _many: ClassVar[dict[int, str]] = _sized(
-        f"INSERT INTO runs ({RUN_FIELDS}) VALUES {{values}} ON CONFLICT DO NOTHING", 23
-    )
+    _many: ClassVar[dict[int, str]] = _CREATE_ROWS
 
     def __init__(self, run: NewRun) -> None:
         self.run = run
@@ -171,11 +204,29 @@ class Create:
             run.wake_at,
         )
 
+    @staticmethod
+    def _bound(v: tuple[Any, ...]) -> tuple[Any, ...]:
+        """`values` as `_ROW` binds them."""
+        return (
+            *v[:8],
+            _NULL if v[11] is None else v[11],
+            v[12],
+            v[13],
+            v[14],
+            _NULL if v[15] is None else v[15],
+            _NULL if v[16] is None else v[16],
+            _NULL if v[17] is None else v[17],
+            _NULL if v[19] is None else v[19],
+            v[20],
+            v[21],
+            _NULL if v[22] is None else v[22],
+        )
+
     def __call__(self, conn: sqlite3.Connection, rows: Rows) -> tuple[bool, Any]:
         now = time.time()
         values = self.values(now)
         run = self.run
-        if conn.execute(self._many[1], values).rowcount == 1:
+        if conn.execute(self._many[1], self._bound(values)).rowcount == 1:
             append(rows, run.run_id, 0, run.transitions, now)
             return True, values
         # Nothing inserted: an existing id or idempotency key. Return what exists.
@@ -195,7 +246,8 @@ class Create:
         cls, conn: sqlite3.Connection, ops: list[Any], now: float, rows: Rows
     ) -> list[Any]:
         values = [op.values(now) for op in ops]
-        if _apply_chunked(conn, cls._many, values, ()) != len(ops):
+        bound = cls._bound
+        if _apply_chunked(conn, cls._many, [bound(v) for v in values], ()) != len(ops):
             raise GuardMissed()
         for op in ops:
             append(rows, op.run.run_id, 0, op.run.transitions, now)
