@@ -121,6 +121,11 @@ def main() -> None:
     parser.add_argument("--waves", type=int, default=8, help="waves in the long process (>= 3)")
     parser.add_argument("--repeat", type=int, default=1, help="take the minimum of this many")
     parser.add_argument("--quick", action="store_true", help="3 waves, D10 and B only")
+    parser.add_argument(
+        "--what",
+        default="D10,D1,D10-nogc",
+        help="which of D10, D1, D10-nogc, D1-nogc (comma-separated)",
+    )
     args = parser.parse_args()
     waves = 3 if args.quick else max(args.waves, 3)
     info = machine()
@@ -139,7 +144,9 @@ def main() -> None:
             check=True,
         )
         trees.insert(0, (f"base {args.base}", base_dir))
-    kinds = ["D10"] if args.quick else ["D10", "D1", "D10-nogc"]
+    kinds = ["D10"] if args.quick else [k for k in args.what.split(",") if k]
+    if "D10" not in kinds or not set(kinds) <= {"D10", "D1", "D10-nogc", "D1-nogc"}:
+        parser.error("--what must include D10, and may add D1, D10-nogc and D1-nogc")
     results: dict[str, dict[str, int]] = {}
     try:
         b = per_run(ROOT, "B", waves, args.repeat)
@@ -175,13 +182,17 @@ def main() -> None:
             fixed = got["D1"] - stage
             print(f"    per stage                                  {stage:>12,}")
             print(f"    per run, fixed (create, driver, finish)    {fixed:>12,}")
+        if "D10-nogc" in got:
             gc_share = 1 - got["D10-nogc"] / d10
-            print(f"    with the GC off                            {got['D10-nogc']:>12,}  "
-                  f"(collections {gc_share:.0%})")
+            print(
+                f"    with the GC off                            {got['D10-nogc']:>12,}  "
+                f"(collections {gc_share:.0%})"
+            )
         print(f"  D/B >= 40% needs D10 <= {int(b * 2.5):,} (2.5x B): {d10 / (b * 2.5):.2f}x over")
     if len(results) == 2:
         (lb, rb), (lw, rw) = results.items()
-        print(f"  D10 {lw} against {lb}: {rw['D10'] / rb['D10'] - 1:+.1%}")
+        for kind in kinds:
+            print(f"  {kind} {lw} against {lb}: {rw[kind] / rb[kind] - 1:+.1%}")
     print(json.dumps({"summary": results, "B": b}))
 
 

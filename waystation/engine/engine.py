@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -1036,7 +1035,7 @@ class Engine:
                     f"the stages it has reached ({', '.join(passed)}) are "
                     f"{', '.join(theirs) or 'missing'} there"
                 )
-        moved = dataclasses.replace(
+        moved = msgspec.structs.replace(
             record, pipeline_version=target.version, fingerprint=target.fingerprint
         )
         await self._check_loadable(target, moved)
@@ -1274,11 +1273,17 @@ class Engine:
         output: Any = None if r.output is None else _UNSET
         stage_name: str | None = None
         if p is not None:
-            with contextlib.suppress(WaystationError, msgspec.ValidationError):
+            # try/except, not contextlib.suppress: this runs for every Run handed out
+            # (submit, wait), and a suppress is three Python calls.
+            try:
                 input_value = p.decode_input(r.input or "{}")[1]
+            except (WaystationError, msgspec.ValidationError):
+                pass
             if r.output is not None:
-                with contextlib.suppress(msgspec.ValidationError):
+                try:
                     output = codec.decode(r.output, p.stages[-1].returns)
+                except msgspec.ValidationError:
+                    pass
             if r.stage_index < len(p.stages):
                 stage_name = p.stages[r.stage_index].name
         if input_value is _UNSET:

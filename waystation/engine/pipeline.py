@@ -419,7 +419,7 @@ class Pipeline:
         text = raw.decode() if isinstance(raw, bytes) else raw
         if self.input_type is not None:
             return text, typed
-        return text, {f: getattr(typed, f) for f in self.inputs}
+        return text, msgspec.structs.asdict(typed)  # the fields of `inputs`, in order
 
     def __repr__(self) -> str:
         return f"<Pipeline {self.name} v{self.version} ({len(self.stages)} stages)>"
