@@ -1254,6 +1254,59 @@ async def test_wait_returns_the_row_as_committed(db: Path) -> None:
             assert waited == await engine.get(waited.run_id)
 
 
+async def test_a_run_snapshot_carries_each_column_in_its_own_field(db: Path) -> None:
+    """`Run` is built positionally (fast): each field must hold its own column of the row
+    as stored, for a child (parent, root, kind, depth set) and a root run (idempotency key)."""
+
+    @ws.stage
+    async def leaf(n: int) -> int:
+        return n + 1
+
+    inner = ws.Pipeline("inner", [leaf], version="3")
+
+    @ws.stage
+    async def outer(n: int, ctx: ws.StageContext) -> int:
+        child = await ctx.run_child(inner, {"n": n})
+        assert isinstance(child, int)
+        return child
+
+    top = ws.Pipeline("top", [outer], version="2")
+    async with ws.Engine.open(db, pipelines=[top, inner]) as engine:
+        with anyio.fail_after(SAFETY):
+            done = await engine.start(top, {"n": 1}, idempotency_key="key-1")
+            (child_row,) = [r async for r in engine.iter_runs() if r.run_id != done.run_id]
+        for run in (done, child_row):
+            rec = await engine.store.get_run(run.run_id)
+            assert rec is not None
+            assert (run.run_id, run.pipeline, run.pipeline_version, run.status) == (
+                rec.run_id,
+                rec.pipeline,
+                rec.pipeline_version,
+                rec.status,
+            )
+            assert (run.stage_index, run.stage_name, run.fingerprint) == (1, None, rec.fingerprint)
+            assert (run.parent_run_id, run.root_run_id, run.run_kind, run.depth) == (
+                rec.parent_run_id,
+                rec.root_run_id,
+                rec.run_kind,
+                rec.depth,
+            )
+            assert (run.idempotency_key, run.replay_of, run.cancel_requested) == (
+                rec.idempotency_key,
+                None,
+                False,
+            )
+            assert run.created_at.timestamp() == pytest.approx(rec.created_at, abs=1e-5)
+            assert run.updated_at.timestamp() == pytest.approx(rec.updated_at, abs=1e-5)
+            assert run.error is None and run.pause is None and run.pauses == []
+        assert (done.input, done.output, done.idempotency_key) == ({"n": 1}, 2, "key-1")
+        assert (child_row.input, child_row.output) == ({"n": 1}, 2)
+        assert child_row.parent_run_id == done.run_id and child_row.depth == 1
+        assert child_row.root_run_id == done.run_id and child_row.run_kind != "root"
+        assert child_row.pipeline_version == "3" and done.pipeline_version == "2"
+        assert done.created_at < done.updated_at
+
+
 async def test_a_failed_commit_of_a_stage_strands_the_run_and_it_is_retried(db: Path) -> None:
     """The database refuses the commit of stage b's success once (a full disk, say): the
     stage did not fail, so the run is left to be retried (b runs again) and succeeds; it is
