@@ -279,3 +279,44 @@ async def test_a_stage_commit_is_one_stored_row_read_back_as_two(db: Path) -> No
             assert pages == logical, limit
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("pair", "stored"),
+    [
+        # a stage commit: its outcome, then the next stage's start (folded into one row)
+        ((NewTransition("succeeded", 3, "s3", 1, '"x"'), NewTransition("started", 4, "s4", 1)), 1),
+        ((NewTransition("succeeded", 9, "s9", 2, "1"), NewTransition("completed", 10)), 1),
+        ((NewTransition("created", payload="{}"), NewTransition("started", 0, "s0", 1)), 1),
+        ((NewTransition("skipped", 1, "s1", 1), NewTransition("started", 2, "g.b", 3)), 1),
+        # not folded: the second says something of its own, or is for another stage
+        ((NewTransition("succeeded", 3, "s3", 1, "2"), NewTransition("started", 5, "s5", 1)), 2),
+        (
+            (NewTransition("succeeded", 3, "s", 1, "2"), NewTransition("started", 4, "t", 1, "{}")),
+            2,
+        ),
+        ((NewTransition("failed", 3, "s3", 1, None, "{}"), NewTransition("completed", 4)), 1),
+        (
+            (
+                NewTransition("retrying", 2, "s2", 1, None, "{}"),
+                NewTransition("started", 2, "s2", 2),
+            ),
+            2,
+        ),
+        ((NewTransition("succeeded", 1, "s1", 1, "3"), NewTransition("paused", 2, "s2", 1)), 2),
+    ],
+)
+def test_a_stage_commits_rows_are_those_of_the_general_path(
+    pair: tuple[NewTransition, NewTransition], stored: int
+) -> None:
+    """`append` builds a two-transition write's rows at once (the stage commit's path); they
+    must be exactly what the transition-at-a-time path builds, folded or not."""
+    from waystation.store import batch
+
+    fast: list[tuple[Any, ...]] = []
+    each: list[tuple[Any, ...]] = []
+    batch.append(fast, "r1", 7, list(pair), 123.5)
+    batch._append_each(each, "r1", 7, list(pair), 123.5)
+    assert fast == each
+    assert len(fast) == stored
+    assert fast[0][:2] == ("r1", 8)

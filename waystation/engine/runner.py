@@ -241,6 +241,15 @@ def describe_type(tp: Any) -> str:
     return tp.__qualname__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
 
 
+def _class_check(tp: Any) -> bool:
+    """True for an annotation `isinstance` can check (not Any, not a TypedDict)."""
+    return isinstance(tp, type) and tp is not Any and not typing.is_typeddict(tp)
+
+
+_is_class = functools.lru_cache(maxsize=1024)(_class_check)
+"""`_class_check`, remembered per annotation: it is asked at every stage's end."""
+
+
 def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     """Encode a stage's output and check it against the return annotation.
 
@@ -248,7 +257,11 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     JSON gives, so a stage sees the same thing whether or not the process restarted since.
     """
     expected = stage.returns
-    if isinstance(expected, type) and expected is not Any and not typing.is_typeddict(expected):
+    try:
+        is_class = _is_class(expected)
+    except TypeError:  # an unhashable annotation
+        is_class = _class_check(expected)
+    if is_class:
         ok = isinstance(out, expected) or (expected is float and type(out) is int)
         if not ok:
             raise StageOutputError(
@@ -799,7 +812,8 @@ class Driver:
         if isinstance(event, NewTransition):
             done = event
         else:
-            done = NewTransition(event, i, stages[i].name, self._attempt_of(i), payload=payload)
+            attempt = self.state.attempts.get(i, 0) + 1  # `_attempt_of`, inline: per stage
+            done = NewTransition(event, i, stages[i].name, attempt, payload)
         if i + 1 < len(stages):
             rows = [done, self.pipeline.started[i + 1]]
             seq = None

@@ -97,6 +97,38 @@ def append(
     for the stage after the one of the transition before it, is folded into that one's row:
     a stage commit then inserts one row, not two. `expand` gives it back unchanged.
     """
+    if len(transitions) == 2:  # a stage commit, nearly always: one row, built at once
+        (event, stage_index, stage_path, attempt, payload, error), after = transitions
+        if (
+            after[0] in FOLDED
+            and after[4] is None
+            and after[5] is None
+            and after[1] == (0 if stage_index is None else stage_index + 1)
+        ):
+            rows.append(
+                (
+                    run_id,
+                    first_seq + 1,
+                    _NULL if stage_index is None else stage_index,
+                    _NULL if stage_path is None else stage_path,
+                    event,
+                    attempt,
+                    payload,
+                    _NULL if error is None else error,
+                    now,
+                    after[0],
+                    _NULL if after[2] is None else after[2],
+                    after[3],
+                )
+            )
+            return
+    _append_each(rows, run_id, first_seq, transitions, now)
+
+
+def _append_each(
+    rows: Rows, run_id: str, first_seq: int, transitions: Sequence[NewTransition], now: float
+) -> None:
+    """`append`, a transition at a time (any number of them)."""
     seq = first_seq
     last: tuple[Any, ...] | None = None  # this write's last row, if nothing is folded into it
     follows = 0  # the stage index a row folded into `last` must have
