@@ -31,6 +31,59 @@ async def test_create_is_idempotent_by_id_and_key(db: Path) -> None:
         await store.close()
 
 
+async def test_empty_strings_and_any_number_are_stored_as_given(db: Path) -> None:
+    """The store binds None as a value of another type than its column holds (it is cheaper
+    to bind than None) and SQL turns it back: a real "" (or "-1") in a text column, and
+    -1 or 0 in a number column, must come back as given, not as NULL; None as None."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        kw: dict[str, Any] = {"parent_run_id": "", "idempotency_key": "", "replay_of": "-1"}
+        kw |= {"lease_owner": "", "lease_expires": -1.0, "wake_at": 0.0}
+        run = new_run("r1", **kw)
+        run.transitions = [
+            NewTransition("created", None, "", 0, None, ""),
+            NewTransition("started", 0, "-1", 1),  # folded into the row before
+            NewTransition("note", -1, "a", 2, "{}", "-1"),
+            NewTransition("note", 0, None, 0, None, None),
+        ]
+        created, first = await store.create_run(run)
+        assert created
+        stored = await store.get_run("r1")
+        assert stored == first
+        assert (stored.parent_run_id, stored.idempotency_key, stored.replay_of) == ("", "", "-1")
+        assert (stored.lease_owner, stored.lease_expires, stored.wake_at) == ("", -1.0, 0.0)
+        assert (stored.output, stored.error, stored.pause, stored.cancel_requested) == (
+            None,
+            None,
+            None,
+            0,
+        )
+        rows = [
+            (t.seq, t.event, t.stage_index, t.stage_path, t.attempt, t.payload, t.error)
+            for t in await store.history("r1")
+        ]
+        assert rows == [
+            (1, "created", None, "", 0, None, ""),
+            (2, "started", 0, "-1", 1, None, None),
+            (3, "note", -1, "a", 2, "{}", "-1"),
+            (4, "note", 0, None, 0, None, None),
+        ]
+        # the empty key is a key like any other
+        created, again = await store.create_run(new_run("r2", idempotency_key=""))
+        assert not created and again.run_id == "r1"
+        created, plain = await store.create_run(new_run("r3"))
+        assert created and (plain.idempotency_key, plain.lease_owner, plain.wake_at) == (
+            None,
+            None,
+            None,
+        )
+        stored3 = await store.get_run("r3")
+        assert stored3 == plain
+    finally:
+        await store.close()
+
+
 async def test_guarded_update_applies_once(db: Path) -> None:
     store = SQLiteStore(db)
     await store.open()

@@ -65,22 +65,25 @@ def _sized(template: str, width: int) -> dict[int, str]:
 # Python's sqlite3 (3.11) binds a None through its adapter lookup, which raises and clears
 # an AttributeError each time: ~0.2 us, twice an int's whole cost. Most journal rows hold
 # a few NULLs (every stage row's error), so the nullable columns, but for the payload, are
-# bound as "" (never a value of theirs: no name, path, event, index or error is empty) and
-# turned back into NULL by SQLite.
-_NULL = ""
+# bound as a value of another type than the column ever holds, which SQLite's NULLIF turns
+# back into NULL: an int for a text column (no string equals -1, not even "-1"), "" for a
+# number column (no number equals ""). Every other value, "" in a text column included,
+# is stored as given.
+_NO_TEXT = -1
+_NO_NUMBER = ""
 _JOURNAL_ROW = (
-    "(?, ?, NULLIF(?, ''), NULLIF(?, ''), ?, ?, ?, NULLIF(?, ''), ?, "
-    "NULLIF(?, ''), NULLIF(?, ''), NULLIF(?, ''))"
+    "(?, ?, NULLIF(?, ''), NULLIF(?, -1), ?, ?, ?, NULLIF(?, -1), ?, "
+    "NULLIF(?, -1), NULLIF(?, -1), NULLIF(?, ''))"
 )
 _INSERT_ROWS = {
     n: f"INSERT INTO transitions ({STORED_FIELDS}) VALUES {', '.join([_JOURNAL_ROW] * n)}"
     for n in CHUNKS
 }
 # A new run has no output, error, pause or cancel yet (literals, not parameters); its
-# optional columns are bound as "" for None (`Create._bound`).
+# optional columns are bound as `_NO_TEXT` / `_NO_NUMBER` for None (`Create._bound`).
 _RUN_ROW = (
-    "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULLIF(?, ''), ?, ?, ?, NULLIF(?, ''), "
-    "NULLIF(?, ''), NULLIF(?, ''), 0, NULLIF(?, ''), ?, ?, NULLIF(?, ''))"
+    "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULLIF(?, -1), ?, ?, ?, NULLIF(?, -1), "
+    "NULLIF(?, -1), NULLIF(?, ''), 0, NULLIF(?, -1), ?, ?, NULLIF(?, ''))"
 )
 _CREATE_ROWS = {
     n: f"INSERT INTO runs ({RUN_FIELDS}) VALUES {', '.join([_RUN_ROW] * n)} ON CONFLICT DO NOTHING"
@@ -109,15 +112,15 @@ def append(
                 (
                     run_id,
                     first_seq + 1,
-                    _NULL if stage_index is None else stage_index,
-                    _NULL if stage_path is None else stage_path,
+                    _NO_NUMBER if stage_index is None else stage_index,
+                    _NO_TEXT if stage_path is None else stage_path,
                     event,
                     attempt,
                     payload,
-                    _NULL if error is None else error,
+                    _NO_TEXT if error is None else error,
                     now,
                     after[0],
-                    _NULL if after[2] is None else after[2],
+                    _NO_TEXT if after[2] is None else after[2],
                     after[3],
                 )
             )
@@ -141,22 +144,22 @@ def _append_each(
             and error is None
             and stage_index == follows
         ):
-            rows[-1] = (*last[:9], event, _NULL if stage_path is None else stage_path, attempt)
+            rows[-1] = (*last[:9], event, _NO_TEXT if stage_path is None else stage_path, attempt)
             last = None
             continue
         follows = 0 if stage_index is None else stage_index + 1
         last = (
             run_id,
             seq,
-            _NULL if stage_index is None else stage_index,
-            _NULL if stage_path is None else stage_path,
+            _NO_NUMBER if stage_index is None else stage_index,
+            _NO_TEXT if stage_path is None else stage_path,
             event,
             attempt,
             payload,
-            _NULL if error is None else error,
+            _NO_TEXT if error is None else error,
             now,
         )
-        rows.append((*last, _NULL, _NULL, _NULL))
+        rows.append((*last, _NO_TEXT, _NO_TEXT, _NO_NUMBER))
 
 
 def expand(rows: Sequence[Sequence[Any]]) -> list[TransitionRecord]:
@@ -238,20 +241,20 @@ class Create:
 
     @staticmethod
     def _bound(v: tuple[Any, ...]) -> tuple[Any, ...]:
-        """`values` as `_ROW` binds them."""
+        """`values` as `_RUN_ROW` binds them."""
         return (
             *v[:8],
-            _NULL if v[11] is None else v[11],
+            _NO_TEXT if v[11] is None else v[11],  # parent_run_id
             v[12],
             v[13],
             v[14],
-            _NULL if v[15] is None else v[15],
-            _NULL if v[16] is None else v[16],
-            _NULL if v[17] is None else v[17],
-            _NULL if v[19] is None else v[19],
+            _NO_TEXT if v[15] is None else v[15],  # idempotency_key
+            _NO_TEXT if v[16] is None else v[16],  # lease_owner
+            _NO_NUMBER if v[17] is None else v[17],  # lease_expires
+            _NO_TEXT if v[19] is None else v[19],  # replay_of
             v[20],
             v[21],
-            _NULL if v[22] is None else v[22],
+            _NO_NUMBER if v[22] is None else v[22],  # wake_at
         )
 
     def __call__(self, conn: sqlite3.Connection, rows: Rows) -> tuple[bool, Any]:
