@@ -817,3 +817,105 @@ async def test_workspace_lies_under_the_parent_and_is_removed_on_success(tmp_pat
         assert run.status == "succeeded"
     assert seen[1].parent == seen[0]
     assert not (root / run.run_id).exists()
+
+
+# -- a failed parent does not leave its children open ----------------------------------------
+
+reviewing = ws.Pipeline("reviewing", [extract, ws.gate("asked", schema=Review)])
+
+
+async def test_wait_for_all_with_a_failed_and_a_paused_child(db: Path) -> None:
+    """The same through one `map_children` call: its stage fails with the failed child's
+    error, and the sibling paused at its gate is cancelled with it (answering it could do
+    nothing for its parent: a retry of the parent launches its children afresh)."""
+
+    @ws.stage
+    async def fan(ctx: ws.StageContext) -> list[Any]:
+        return await ws.map_children(
+            ctx, asking_or_bad, [{"doc": "bad"}, {"doc": "ok"}], on_error="wait_for_all"
+        )
+
+    parent = ws.Pipeline("fan-mixed", [fan])
+    async with ws.Engine.open(db, pipelines=[parent, asking_or_bad]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "failed" and run.error is not None
+        assert "1 of 2 children failed" in run.error.message
+        kids = sorted(await children_of(engine, run.run_id), key=lambda k: str(k.input))
+        assert [(k.input, k.status) for k in kids] == [
+            ({"doc": "bad"}, "failed"),
+            ({"doc": "ok"}, "cancelled"),
+        ]
+        assert [r.run_id for r in await engine.list(status="paused")] == []
+
+
+@ws.stage
+async def check_doc(doc: str) -> str:
+    if doc == "bad":
+        raise ValueError("bad doc")
+    return doc
+
+
+asking_or_bad = ws.Pipeline("asking-or-bad", [check_doc, ws.gate("sure", schema=Review)])
+
+
+async def test_a_group_failing_cancels_the_paused_child_of_a_branch(db: Path) -> None:
+    """A parallel group (wait_for_all): one branch fails, another is a child pipeline that
+    pauses. The run fails; the child does not stay paused."""
+
+    @ws.stage
+    async def kid(ctx: ws.StageContext) -> Any:
+        return await ctx.run_child(reviewing, {"doc": "y"})
+
+    @ws.stage
+    async def boom() -> int:
+        raise RuntimeError("boom")
+
+    group = ws.parallel(kid, boom, name="g", on_error="wait_for_all")
+    parent = ws.Pipeline("group-kid", [group])
+    async with ws.Engine.open(db, pipelines=[parent, reviewing]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "failed"
+        kids = await children_of(engine, run.run_id)
+        assert [(k.pipeline, k.status) for k in kids] == [("reviewing", "cancelled")]
+        assert [r.run_id for r in await engine.list(status="paused")] == []
+
+
+async def test_a_retried_map_cancels_the_paused_children_of_its_failed_attempt(db: Path) -> None:
+    """Attempt 1 of a `map_children` stage: one child fails, one pauses. The stage is
+    retried (its `Retry`), and attempt 2 launches both afresh. Attempt 1's paused child
+    must not stay open beside attempt 2's (answering it would go nowhere)."""
+    flaky = Counter[str]()
+
+    @ws.stage
+    async def check_once(doc: str) -> str:
+        flaky[doc] += 1
+        if doc == "bad" and flaky[doc] == 1:
+            raise ValueError("bad doc, the first time")
+        return doc
+
+    kids_pipeline = ws.Pipeline("check-then-ask", [check_once, ws.gate("sure", schema=Review)])
+
+    @ws.stage(retry=ws.Retry(attempts=2))
+    async def fan(ctx: ws.StageContext) -> list[Any]:
+        return await ws.map_children(
+            ctx, kids_pipeline, [{"doc": "bad"}, {"doc": "ok"}], on_error="wait_for_all"
+        )
+
+    parent = ws.Pipeline("fan-retried", [fan])
+    async with ws.Engine.open(db, pipelines=[parent, kids_pipeline]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "paused"  # attempt 2: both children at their gates
+        kids = await children_of(engine, run.run_id)
+        statuses = Counter((str(k.input), k.status) for k in kids)
+        assert statuses == Counter(
+            {
+                ("{'doc': 'bad'}", "failed"): 1,  # attempt 1
+                ("{'doc': 'ok'}", "cancelled"): 1,  # attempt 1, cancelled with its stage
+                ("{'doc': 'bad'}", "paused"): 1,  # attempt 2
+                ("{'doc': 'ok'}", "paused"): 1,  # attempt 2
+            }
+        )
+        assert len(run.pauses) == 2

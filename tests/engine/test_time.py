@@ -570,3 +570,28 @@ async def test_children_compensate_with_their_parent_deepest_first(db: Path) -> 
         child_events = [t.event for t in await engine.history(tree.children[0].run.run_id)]
     assert undone == ["undo g1", "undo c2", "undo c1", "undo p1"]
     assert child_events.count("compensated") == 2
+
+
+async def test_a_run_failed_by_its_expired_gate_cancels_its_paused_child(db: Path) -> None:
+    """A parallel group waits on a gate that expires (failing the run) and on a child that
+    is paused at its own gate: the expiry fails the run without a driver, and the child,
+    which could do nothing for it any more, is cancelled rather than left paused."""
+    ask = ws.Pipeline("ask-child", [ws.gate("child_ok", schema=bool)])
+
+    @ws.stage
+    async def kid(ctx: ws.StageContext) -> Any:
+        return await ctx.run_child(ask, {})
+
+    gate = ws.gate("approval", schema=Approval, expires_after=DAY)
+    parent = ws.Pipeline("group-expiring", [ws.parallel(gate, kid, name="both")])
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[parent, ask], clock=clock) as engine:
+        run = await engine.start(parent)
+        assert run.status == "paused" and len(run.pauses) == 2
+        (child,) = await engine.list(parent_run_id=run.run_id)
+        assert child.status == "paused"
+        clock.advance(DAY)
+        done = await _settled(engine, run.run_id)
+        assert done.status == "failed" and done.error is not None
+        assert done.error.type == "waystation.errors.PauseExpired"
+        assert (await _until(engine, child.run_id, "cancelled", "succeeded")).status == "cancelled"

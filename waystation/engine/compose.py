@@ -225,8 +225,10 @@ async def map_children(
             tg.start_soon(one, k, item)
     if errors:
         errors.sort(key=lambda e: e[0])
+        # The stage fails: children still open (running after a fail-fast, paused at a
+        # gate) can do nothing for it; a new attempt (its Retry) launches its own.
+        await ctx._cancel_calls(calls)
         if on_error == "fail_fast":
-            await ctx._cancel_calls(calls)
             raise errors[0][1]
         detail = "; ".join(f"[{k}] {e}" for k, e in errors)
         raise ChildFailed(f"{len(errors)} of {len(items)} children failed: {detail}")

@@ -592,6 +592,8 @@ class Engine:
         try:
             await driver.drive()
             final = driver.final
+            if final is not None and final.status == "failed":
+                await self._failed(final)
             if final is not None and final.depth and final.status in TERMINAL:
                 await self._wake_ancestors(final)
         finally:
@@ -1091,6 +1093,32 @@ class Engine:
                     with contextlib.suppress(InvalidRunState):
                         await self._cancel_one(record.run_id)
         return await self.get(run_id) if len(below) > 1 else run
+
+    async def _failed(self, record: RunRecord) -> None:
+        """A run has failed: children it left open (paused at a gate, say, while a sibling
+        failed) can do nothing for it any more (a retry launches its children afresh), so
+        they are cancelled rather than left waiting for answers that would go nowhere.
+        Walked by parent (an index lookup per run), not by reading the whole tree: a leaf
+        that fails in a fan-out of thousands costs one empty lookup."""
+        try:
+            todo = [record.run_id]
+            while todo:
+                parent = todo.pop()
+                after: str | None = None
+                while True:
+                    kids = await self.store.list_runs(parent_run_id=parent, after=after, limit=500)
+                    for kid in kids:
+                        todo.append(kid.run_id)
+                        if kid.status not in TERMINAL:
+                            with contextlib.suppress(InvalidRunState):
+                                await self._cancel_one(kid.run_id)
+                    if len(kids) < 500:
+                        break
+                    after = kids[-1].run_id
+        except WaystationError as exc:  # closing, or the store failed: they stay as they are
+            log.warning(
+                "run %s failed; its open children were not cancelled: %s", record.run_id, exc
+            )
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
