@@ -595,3 +595,28 @@ async def test_a_run_failed_by_its_expired_gate_cancels_its_paused_child(db: Pat
         assert done.status == "failed" and done.error is not None
         assert done.error.type == "waystation.errors.PauseExpired"
         assert (await _until(engine, child.run_id, "cancelled", "succeeded")).status == "cancelled"
+
+
+async def test_due_runs_of_other_pipelines_do_not_hold_back_this_engines(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """600 pauses of a pipeline this engine does not have expire before one of its own:
+    the timer must still expire its own (it used to look at the first 500 due runs only,
+    none of which it could act on, again and again), and say nothing of the others'."""
+    other = ws.Pipeline("other-work", [ws.gate("approval", schema=Approval, expires_after=10)])
+    mine = ws.Pipeline(
+        "my-work",
+        [ws.gate("approval", schema=Approval, expires_after=15, on_expire={"approved": True}), act],
+    )
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[other, mine], clock=clock) as both:
+        for _ in range(600):
+            assert (await both.start(other)).status == "paused"
+        run = await both.start(mine)
+        assert run.status == "paused"
+    async with ws.Engine.open(db, pipelines=[mine], clock=clock) as engine:
+        clock.advance(20.0)
+        done = await _settled(engine, run.run_id)
+        assert done.status == "succeeded" and done.output == "approved"
+        assert len(await engine.list(status="paused", limit=1000)) == 600
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text[:500]

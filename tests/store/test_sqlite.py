@@ -213,11 +213,41 @@ async def test_wake_queries_use_the_wake_index(db: Path) -> None:
     try:
         await store.next_wake()
         await store.due_runs(0.0)
+        await store.due_runs(0.0, pipelines=["a", "b"], after=(0.0, "r"))
     finally:
         await store.close()
-    assert len(seen) == 2
+    assert len(seen) == 3
     with sqlite3.connect(db) as conn:
         for sql in seen:
             params = [0.0] * sql.count("?")
             plan = " ".join(row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
             assert "runs_wake" in plan, (sql, plan)
+
+
+async def test_due_runs_page_by_cursor_and_pipeline(db: Path) -> None:
+    """The timers read due runs a page at a time after a (wake_at, run_id) cursor, and only
+    those of the pipelines they have: every due run comes once, in that order."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        for i in range(7):
+            for name in ("a", "b"):
+                run = new_run(f"{name}{i}", wake_at=float(i % 3))
+                run.pipeline, run.status = name, "pending"
+                await store.create_run(run)
+        late = new_run("late", wake_at=99.0)
+        late.status = "pending"
+        await store.create_run(late)
+        seen: list[str] = []
+        after: tuple[float, str] | None = None
+        while True:
+            page = await store.due_runs(5.0, 2, pipelines={"a"}, after=after)
+            seen += [r.run_id for r in page]
+            if len(page) < 2:
+                break
+            after = (page[-1].wake_at or 0.0, page[-1].run_id)
+        assert seen == ["a0", "a3", "a6", "a1", "a4", "a2", "a5"]
+        assert await store.due_runs(5.0, pipelines=()) == []
+        assert len(await store.due_runs(5.0)) == 14
+    finally:
+        await store.close()

@@ -174,6 +174,8 @@ class Engine:
         self._active: dict[str, Driver] = {}
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
+        self._warned: set[str] = set()
+        """Runs this engine said it cannot act on (said once, not at every look)."""
         self._task_group: anyio.abc.TaskGroup | None = None
         self._runs: set[asyncio.Task[None]] = set()
         """The tasks driving runs. Plain asyncio tasks rather than the task group's: a run
@@ -1397,8 +1399,10 @@ class Engine:
                     continue
                 try:
                     p = self._pipeline_of(record)
+                except PipelineNotRegistered:
+                    continue  # for an engine that has its pipeline (not worth a word here)
                 except WaystationError as exc:
-                    log.warning("run %s not recovered: %s", record.run_id, exc)
+                    self._warn_once(record.run_id, f"run {record.run_id} not recovered: {exc}")
                     continue
                 self._stranded.discard(record.run_id)
                 state = RunState(record.run_id, None, {}, record.stage_index, [], [])
@@ -1446,6 +1450,13 @@ class Engine:
                 log.info("run %s: cancel asked elsewhere; interrupting it", run_id)
                 driver.cancel_requested = True
                 driver.scope.cancel()
+
+    def _warn_once(self, run_id: str, message: str) -> None:
+        """Log a warning about a run that this engine keeps finding and cannot act on (a
+        changed pipeline version, say) once, not at every poll."""
+        if run_id not in self._warned:
+            self._warned.add(run_id)
+            log.warning("%s", message)
 
     def _check_open(self) -> None:
         if not self._opened:

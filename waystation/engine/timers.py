@@ -29,6 +29,9 @@ log = logging.getLogger("waystation")
 _RECHECK = 1.0
 """Seconds (real time) between looks at the database for wake-ups set by other processes."""
 
+_PAGE = 500
+"""Due runs read at a time."""
+
 
 class Timers:
     """Wakes parked runs and expires pauses for one engine."""
@@ -84,22 +87,36 @@ class Timers:
 
     async def fire(self, now: float) -> int:
         """Act on every run due at `now`; returns how many were acted on."""
+        engine = self.engine
         acted = 0
-        if self.engine._closing:
+        if engine._closing:
             return 0
-        for record in await self.engine.store.due_runs(now):
-            if record.run_id in self.engine._unloadable:
-                continue  # said why once already
-            try:
-                if record.status == "pending":
-                    acted += await self._wake(record)
-                elif record.status == "paused":
-                    acted += await self._expire(record, now)
-            except PipelineNotRegistered:
-                continue  # an engine with this pipeline will act on it
-            except WaystationError as exc:
-                log.warning("run %s: timer not applied: %s", record.run_id, exc)
-        return acted
+        # Only runs of pipelines registered here (those of others are for engines that
+        # have them), and page after page: due runs this engine cannot act on (a changed
+        # version, state that no longer loads) must not hold back the ones after them.
+        names = {name for name, _ in engine._pipelines}
+        after: tuple[float, str] | None = None
+        while True:
+            page = await engine.store.due_runs(now, _PAGE, pipelines=names, after=after)
+            for record in page:
+                if record.run_id in engine._unloadable:
+                    continue  # said why once already
+                try:
+                    if record.status == "pending":
+                        acted += await self._wake(record)
+                    elif record.status == "paused":
+                        acted += await self._expire(record, now)
+                except PipelineNotRegistered:
+                    continue  # an engine with this pipeline will act on it
+                except WaystationError as exc:
+                    engine._warn_once(
+                        record.run_id, f"run {record.run_id}: timer not applied: {exc}"
+                    )
+            if len(page) < _PAGE or engine._closing:
+                return acted
+            last = page[-1]
+            assert last.wake_at is not None
+            after = (last.wake_at, last.run_id)
 
     async def _wake(self, record: RunRecord) -> int:
         engine = self.engine

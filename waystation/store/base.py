@@ -7,7 +7,7 @@ database, not Python, decides which of two racing writers wins.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
@@ -243,8 +243,17 @@ class Store(Protocol):
         """Journal rows after the cursor (at, run_id, seq), in that order, optionally only
         those of one run or of one tree (for live events across processes)."""
 
-    async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
-        """Pending runs whose `wake_at` has come, and paused runs whose pause expired."""
+    async def due_runs(
+        self,
+        now: float,
+        limit: int = 500,
+        *,
+        pipelines: Collection[str] | None = None,
+        after: tuple[float, str] | None = None,
+    ) -> list[RunRecord]:
+        """Pending runs whose `wake_at` has come, and paused runs whose pause expired, in
+        (wake_at, run_id) order: only those of `pipelines` (names) if given, and only those
+        after the cursor `after` (the last one's wake_at and run_id) if given."""
 
     async def next_wake(self) -> float | None:
         """The earliest `wake_at` of any pending or paused run."""

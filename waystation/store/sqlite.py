@@ -19,7 +19,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Literal
 
 import aiosqlite
@@ -613,14 +613,32 @@ class SQLiteStore:
         )
         return [t for t in batched.expand(rows) if (t.at, t.run_id, t.seq) > after][:limit]
 
-    async def due_runs(self, now: float, limit: int = 500) -> list[RunRecord]:
+    async def due_runs(
+        self,
+        now: float,
+        limit: int = 500,
+        *,
+        pipelines: Collection[str] | None = None,
+        after: tuple[float, str] | None = None,
+    ) -> list[RunRecord]:
+        # `+status`, `+pipeline`: keep SQLite from choosing the status or pipeline index,
+        # which would visit every paused run or every run of a pipeline (a million of them
+        # take 200 ms); runs_wake holds only the runs with a wake time.
+        where = "wake_at IS NOT NULL AND wake_at <= ? AND +status IN ('pending', 'paused')"
+        params: list[Any] = [now]
+        if pipelines is not None:
+            names = sorted(pipelines)
+            if not names:
+                return []
+            where += f" AND +pipeline IN ({', '.join('?' * len(names))})"
+            params += names
+        if after is not None:
+            where += " AND wake_at >= ? AND (wake_at > ? OR run_id > ?)"
+            params += [after[0], after[0], after[1]]
+        params.append(limit)
         rows = await self._read(
-            # `+status`: keeps SQLite from choosing the status index, which would visit
-            # every paused run (a million of them take 200 ms); runs_wake holds only the
-            # runs with a wake time.
-            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE wake_at IS NOT NULL AND wake_at <= ? "
-            "AND +status IN ('pending', 'paused') ORDER BY wake_at LIMIT ?",
-            (now, limit),
+            f"SELECT {batched.RUN_FIELDS} FROM runs WHERE {where} ORDER BY wake_at, run_id LIMIT ?",
+            params,
         )
         return [_run(r) for r in rows]
 
