@@ -149,7 +149,6 @@ class _Writer:
                 results = self._apply(conn, batch, rows, grouped=False)
             batched.insert_rows(conn, rows)
             conn.execute("COMMIT")
-            outcomes = [(f, True, r) for (_, f), r in zip(batch, results, strict=True)]
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -166,7 +165,27 @@ class _Writer:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     outcomes.append((future, False, _store_error(exc)))
-        self._deliver(outcomes, len(batch))
+            self._deliver(outcomes, len(batch))
+            return
+        self._deliver_results(batch, results)
+
+    def _deliver_results(
+        self, batch: list[tuple[WriteOp, asyncio.Future[Any]]], results: list[Any]
+    ) -> None:
+        """A committed batch's results: as `_deliver`, without a tuple and a dict entry per
+        write when all its callers share one event loop (the usual case)."""
+        loop = batch[0][1].get_loop()
+        for _, future in batch:
+            if future.get_loop() is not loop:
+                outcomes = [(f, True, r) for (_, f), r in zip(batch, results, strict=True)]
+                self._deliver(outcomes, len(batch))
+                return
+        self.batches += 1
+        self.writes += len(batch)
+        try:
+            loop.call_soon_threadsafe(_settle_results, batch, results)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
 
     @staticmethod
     def _apply(
@@ -255,6 +274,12 @@ def _settle(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def _settle_results(batch: list[tuple[WriteOp, asyncio.Future[Any]]], results: list[Any]) -> None:
+    for (_, future), value in zip(batch, results, strict=True):
+        if not future.done():
+            future.set_result(value)
 
 
 def _store_error(exc: BaseException) -> BaseException:
