@@ -919,3 +919,60 @@ async def test_a_retried_map_cancels_the_paused_children_of_its_failed_attempt(d
             }
         )
         assert len(run.pauses) == 2
+
+
+async def test_a_retry_racing_the_failure_walk_keeps_its_new_children(db: Path) -> None:
+    """A run fails and leaves a child paused; before the walk that cancels it gets to the
+    run's children, a retry of the run (a supervisor, say) has launched new ones. The walk
+    cancels the failed attempt's child only: the new attempt's child stays paused."""
+    tries = Counter[str]()
+
+    @ws.stage
+    async def fan(ctx: ws.StageContext) -> list[Any]:
+        tries["fan"] += 1
+        docs = ["bad", "ok"] if tries["fan"] == 1 else ["ok"]
+        return await ws.map_children(
+            ctx, asking_or_bad, [{"doc": d} for d in docs], on_error="wait_for_all"
+        )
+
+    @ws.stage
+    async def judge(fan: list[Any]) -> int:
+        return len(fan)
+
+    parent = ws.Pipeline("retried-under-walk", [fan, judge])
+    async with ws.Engine.open(db, pipelines=[parent, asking_or_bad]) as engine:
+        list_runs = engine.store.list_runs
+        retried: list[ws.Run] = []
+
+        async def retry_first(**kw: Any) -> Any:
+            if kw.get("parent_run_id") == run_id and not retried:
+                retried.append(await engine.retry(run_id))  # waits: it pauses on its child
+            return await list_runs(**kw)
+
+        with anyio.fail_after(SAFETY):
+            # the map cancels its own open children when it fails: keep it from doing so,
+            # so that the run's failure walk is what meets them
+            cancel_calls = engine.children.cancel_calls
+
+            async def keep_open(*args: Any) -> None:
+                del args
+
+            engine.children.cancel_calls = keep_open  # type: ignore[method-assign]
+            engine.store.list_runs = retry_first  # type: ignore[method-assign]
+            run = await engine.submit(parent)
+            run_id = run.run_id
+            first = await engine.wait(run_id)
+            engine.children.cancel_calls = cancel_calls  # type: ignore[method-assign]
+            engine.store.list_runs = list_runs  # type: ignore[method-assign]
+            assert first.status == "failed"
+            assert [r.status for r in retried] == ["paused"]
+            kids = await children_of(engine, run_id)
+            by_status = Counter((str(k.input), k.status) for k in kids)
+            assert by_status == Counter(
+                {
+                    ("{'doc': 'bad'}", "failed"): 1,
+                    ("{'doc': 'ok'}", "cancelled"): 1,  # the failed attempt's
+                    ("{'doc': 'ok'}", "paused"): 1,  # the retry's, left alone
+                }
+            )
+            assert (await engine.get(run_id)).status == "paused"

@@ -251,12 +251,15 @@ class ChildRunner:
         return out
 
     async def cancel_calls(self, parent: Driver, ctx: StageContext, calls: list[int]) -> None:
-        """Cancel the children these calls launched that have not finished."""
+        """Cancel the children these calls launched that have not finished (and theirs)."""
+        open_ids = []
         for call in calls:
             record = await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))
             if record is not None and record.status not in ("succeeded", "failed", "cancelled"):
-                with contextlib.suppress(Exception):
-                    await self.engine.cancel(record.run_id)
+                open_ids.append(record.run_id)
+        if open_ids:
+            with contextlib.suppress(Exception):
+                await self.engine._cancel_runs(open_ids)
 
     # -- compensation ------------------------------------------------------------------------
 

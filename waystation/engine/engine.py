@@ -595,7 +595,7 @@ class Engine:
             await driver.drive()
             final = driver.final
             if final is not None and final.status == "failed":
-                await self._failed(final)
+                await self._failed(final, final.updated_at)
             if final is not None and final.depth and final.status in TERMINAL:
                 await self._wake_ancestors(final)
         finally:
@@ -1096,31 +1096,53 @@ class Engine:
                         await self._cancel_one(record.run_id)
         return await self.get(run_id) if len(below) > 1 else run
 
-    async def _failed(self, record: RunRecord) -> None:
-        """A run has failed: children it left open (paused at a gate, say, while a sibling
-        failed) can do nothing for it any more (a retry launches its children afresh), so
-        they are cancelled rather than left waiting for answers that would go nowhere.
-        Walked by parent (an index lookup per run), not by reading the whole tree: a leaf
-        that fails in a fan-out of thousands costs one empty lookup."""
+    async def _failed(self, record: RunRecord, failed_at: float) -> None:
+        """A run has failed (committed at `failed_at`): children it left open (paused at a
+        gate, say, while a sibling failed) can do nothing for it any more (a retry launches
+        its children afresh), so they are cancelled rather than left waiting for answers
+        that would go nowhere. Children created after the failure (by a retry of the run
+        that came meanwhile) are its new attempt's and are left alone."""
         try:
-            todo = [record.run_id]
-            while todo:
-                parent = todo.pop()
-                after: str | None = None
-                while True:
-                    kids = await self.store.list_runs(parent_run_id=parent, after=after, limit=500)
-                    for kid in kids:
-                        todo.append(kid.run_id)
-                        if kid.status not in TERMINAL:
-                            with contextlib.suppress(InvalidRunState):
-                                await self._cancel_one(kid.run_id)
-                    if len(kids) < 500:
-                        break
-                    after = kids[-1].run_id
+            await self._cancel_below([record.run_id], created_by=failed_at)
         except WaystationError as exc:  # closing, or the store failed: they stay as they are
             log.warning(
                 "run %s failed; its open children were not cancelled: %s", record.run_id, exc
             )
+
+    async def _cancel_runs(self, run_ids: builtins.list[str]) -> None:
+        """Cancel these runs, if unfinished, and their unfinished descendants: `cancel` for
+        many runs of one parent (one walk by parent, not a tree read per run)."""
+        for run_id in run_ids:
+            with contextlib.suppress(InvalidRunState):
+                await self._cancel_one(run_id)
+        await self._cancel_below(run_ids)
+
+    async def _cancel_below(
+        self, parents: builtins.list[str], *, created_by: float | None = None
+    ) -> None:
+        """Cancel the unfinished descendants of `parents` (only those created by
+        `created_by`, if given). Walked by parent, an index lookup per unfinished run: a
+        failing leaf in a fan-out of thousands costs one empty lookup, not a tree read. Each
+        run's children are all read before any is cancelled."""
+        todo = list(parents)
+        while todo:
+            parent = todo.pop()
+            kids: builtins.list[RunRecord] = []
+            after: str | None = None
+            while True:
+                page = await self.store.list_runs(parent_run_id=parent, after=after, limit=500)
+                kids += page
+                if len(page) < 500:
+                    break
+                after = page[-1].run_id
+            for kid in kids:
+                if kid.status in TERMINAL or (
+                    created_by is not None and kid.created_at > created_by
+                ):
+                    continue  # a finished run's children finished with it
+                with contextlib.suppress(InvalidRunState):
+                    await self._cancel_one(kid.run_id)
+                todo.append(kid.run_id)
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()

@@ -210,7 +210,7 @@ class Timers:
             if seq is None:
                 return 0
             log.info("run %s failed: %s", record.run_id, err)
-            await engine._failed(record)
+            await engine._failed(record, time.time())
         else:
             await self._loadable(p, record)  # it goes on (see _wake)
             answer = engine._check_answer(record.run_id, p, pause, on_expire)
