@@ -1086,15 +1086,7 @@ class Engine:
         says `running`, `cancel_requested`.
         """
         run = await self._cancel_one(run_id)
-        tree = await self.store.tree(run.root_run_id)
-        below = {run_id}
-        for record in tree:  # ordered by depth: parents before their children
-            if record.parent_run_id in below:
-                below.add(record.run_id)
-                if record.status not in TERMINAL:
-                    with contextlib.suppress(InvalidRunState):
-                        await self._cancel_one(record.run_id)
-        return await self.get(run_id) if len(below) > 1 else run
+        return await self.get(run_id) if await self._cancel_below([run_id]) else run
 
     async def _failed(self, record: RunRecord, failed_at: float) -> None:
         """A run has failed (committed at `failed_at`): children it left open (paused at a
@@ -1119,11 +1111,13 @@ class Engine:
 
     async def _cancel_below(
         self, parents: builtins.list[str], *, created_by: float | None = None
-    ) -> None:
+    ) -> int:
         """Cancel the unfinished descendants of `parents` (only those created by
-        `created_by`, if given). Walked by parent, an index lookup per unfinished run: a
-        failing leaf in a fan-out of thousands costs one empty lookup, not a tree read. Each
-        run's children are all read before any is cancelled."""
+        `created_by`, if given); returns how many descendants it found. Walked by parent,
+        an index lookup per unfinished run: a failing leaf in a fan-out of thousands costs
+        one empty lookup, not a tree read. Each run's children are all read before any is
+        cancelled."""
+        found = 0
         todo = list(parents)
         while todo:
             parent = todo.pop()
@@ -1135,6 +1129,7 @@ class Engine:
                 if len(page) < 500:
                     break
                 after = page[-1].run_id
+            found += len(kids)
             for kid in kids:
                 if kid.status in TERMINAL or (
                     created_by is not None and kid.created_at > created_by
@@ -1143,6 +1138,7 @@ class Engine:
                 with contextlib.suppress(InvalidRunState):
                     await self._cancel_one(kid.run_id)
                 todo.append(kid.run_id)
+        return found
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
