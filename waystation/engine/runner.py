@@ -424,6 +424,9 @@ class Driver:
         slots = self.pipeline.slots
         tree_stages = self.children.tree_stages
         plain = self.pipeline.plain if self.tracing is None else (False,) * len(stages)
+        # Asked once per drive, not per stage: logging switched on mid-run shows from the
+        # run's next drive (a resume, a recovery) on.
+        timed = log.isEnabledFor(logging.INFO)
         i = self.state.stage_index
         if self.state.compensating is not None and i < len(stages):
             # The process died while compensating a failure: finish that, nothing else.
@@ -444,7 +447,8 @@ class Driver:
             # be retried) rather than failing a stage that succeeded.
             try:
                 if plain[i]:
-                    began = time.perf_counter()
+                    if timed:
+                        began = time.perf_counter()
                     if state.depth or state.root_run_id in tree_stages:
                         await self.children.count_stage(self)
                     fn: Callable[..., Awaitable[Any]] = stage.fn  # type: ignore[assignment]
@@ -494,7 +498,7 @@ class Driver:
                 await self._park(slots[i], park, 0)
                 return
             await self._advance(i, value, payload, event)
-            if began is not None and log.isEnabledFor(logging.INFO):
+            if began is not None and timed:
                 self._log_done(stage, began)
             i += 1
 
@@ -850,7 +854,10 @@ class Driver:
                 settle=True,
             )
             self.outcome = "succeeded"
-        self._advanced(i, value, payload)
+        state = self.state  # `_advanced`, inline: once per stage
+        state.values[i] = value
+        state.payloads[i] = payload
+        state.stage_index = i + 1
 
     def _advanced(self, i: int, value: Any, payload: str | None) -> None:
         self.state.values[i] = value
