@@ -1086,7 +1086,7 @@ class Engine:
         says `running`, `cancel_requested`.
         """
         run = await self._cancel_one(run_id)
-        return await self.get(run_id) if await self._cancel_below([run_id]) else run
+        return await self.get(run_id) if await self._cancel_below([run_id], every=True) else run
 
     async def _failed(self, record: RunRecord, failed_at: float) -> None:
         """A run has failed (committed at `failed_at`): children it left open (paused at a
@@ -1110,13 +1110,19 @@ class Engine:
         await self._cancel_below(run_ids)
 
     async def _cancel_below(
-        self, parents: builtins.list[str], *, created_by: float | None = None
+        self,
+        parents: builtins.list[str],
+        *,
+        created_by: float | None = None,
+        every: bool = False,
     ) -> int:
         """Cancel the unfinished descendants of `parents` (only those created by
         `created_by`, if given); returns how many descendants it found. Walked by parent,
-        an index lookup per unfinished run: a failing leaf in a fan-out of thousands costs
-        one empty lookup, not a tree read. Each run's children are all read before any is
-        cancelled."""
+        an index lookup per run it descends into: a failing leaf in a fan-out of thousands
+        costs one empty lookup, not a tree read. It descends into unfinished runs only (a
+        finished run's children finished with it), or into `every` run (`cancel`: also what
+        a crash left open under a finished run). Each run's children are all read before
+        any is cancelled."""
         found = 0
         todo = list(parents)
         while todo:
@@ -1131,12 +1137,13 @@ class Engine:
                 after = page[-1].run_id
             found += len(kids)
             for kid in kids:
-                if kid.status in TERMINAL or (
-                    created_by is not None and kid.created_at > created_by
-                ):
-                    continue  # a finished run's children finished with it
-                with contextlib.suppress(InvalidRunState):
-                    await self._cancel_one(kid.run_id)
+                if created_by is not None and kid.created_at > created_by:
+                    continue
+                if kid.status not in TERMINAL:
+                    with contextlib.suppress(InvalidRunState):
+                        await self._cancel_one(kid.run_id)
+                elif not every:
+                    continue
                 todo.append(kid.run_id)
         return found
 
