@@ -832,6 +832,7 @@ class Driver:
             if stages[i].kind == "parallel":
                 output = codec.encode(value).decode()
             rows = [done, NewTransition("completed", len(stages))]
+            at = None
             if self.seq is not None and self.base is not None:
                 at = await self.store.finish_run(
                     self.run_id, self.owner, self.seq, len(stages), rows, output
@@ -839,30 +840,23 @@ class Driver:
                 if at is not None:
                     self.seq += len(rows)
                     self.final = _finished(self.base, len(stages), self.seq, output, at)
-                    self.outcome = "succeeded"
-                    self._advanced(i, value, payload)
-                    return
-            await self._commit(
-                rows,
-                {
-                    "stage_index": len(stages),
-                    "status": "succeeded",
-                    "output": output,
-                    "lease_owner": None,
-                    "lease_expires": None,
-                },
-                settle=True,
-            )
+            if at is None:  # position unknown (or not as expected): the plain guard decides
+                await self._commit(
+                    rows,
+                    {
+                        "stage_index": len(stages),
+                        "status": "succeeded",
+                        "output": output,
+                        "lease_owner": None,
+                        "lease_expires": None,
+                    },
+                    settle=True,
+                )
             self.outcome = "succeeded"
-        state = self.state  # `_advanced`, inline: once per stage
+        state = self.state
         state.values[i] = value
         state.payloads[i] = payload
         state.stage_index = i + 1
-
-    def _advanced(self, i: int, value: Any, payload: str | None) -> None:
-        self.state.values[i] = value
-        self.state.payloads[i] = payload
-        self.state.stage_index = i + 1
 
     async def _pause(self, i: int, stage: Stage, sig: PauseSignal, attempt: int) -> None:
         if sig.pauses is not None:  # children or branches paused: show their pauses as ours
