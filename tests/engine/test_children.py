@@ -3,7 +3,10 @@ pause propagation, budgets, cycles, cancellation of trees, failure chains."""
 
 from __future__ import annotations
 
+import importlib.util
+import signal
 import sqlite3
+import sys
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -14,6 +17,7 @@ import msgspec
 import pytest
 
 import waystation as ws
+from tests.processes import wait_until
 
 executed: Counter[str] = Counter()
 SAFETY = 30  # seconds; a safety net against hangs, never a timing assertion
@@ -849,6 +853,89 @@ async def test_wait_for_all_with_a_failed_and_a_paused_child(db: Path) -> None:
         assert [r.run_id for r in await engine.list(status="paused")] == []
 
 
+CRASH_AFTER_FAILURE = """
+import os, signal, sys
+
+import anyio
+
+import waystation as ws
+
+
+@ws.stage
+async def kid(ctx: ws.StageContext) -> int:
+    return await ctx.run_child(asking, {})
+
+
+@ws.stage
+async def boom() -> int:
+    raise RuntimeError("boom")
+
+
+asking = ws.Pipeline("asking", [ws.gate("sure", schema=bool)])
+parent = ws.Pipeline("group-kid", [ws.parallel(kid, boom, name="g", on_error="wait_for_all")])
+failed = ws.Engine._failed
+
+
+async def die(self, record, failed_at):
+    if record.run_id == self.parent_id:
+        # Its failure is committed, its paused child not yet cancelled: die here.
+        os.kill(os.getpid(), signal.SIGKILL)
+    await failed(self, record, failed_at)
+
+
+async def main(db):
+    ws.Engine._failed = die
+    async with ws.Engine.open(db, pipelines=[parent, asking]) as engine:
+        run = await engine.submit(parent)
+        engine.parent_id = run.run_id
+        print(run.run_id, flush=True)
+        await anyio.sleep(60)
+
+
+if __name__ == "__main__":
+    anyio.run(main, sys.argv[1])
+"""
+
+
+async def test_a_crash_after_a_failure_leaves_no_child_open(tmp_path: Path) -> None:
+    """The process is SIGKILLed after a parent's failure is committed and before it cancels
+    the sibling paused at its gate. The next engine cancels that child (after a lease time,
+    so as not to race a live engine doing it), and nothing stays recorded."""
+    db, script = tmp_path / "runs.db", tmp_path / "crash_after_failure.py"
+    script.write_text(CRASH_AFTER_FAILURE)
+    with anyio.fail_after(SAFETY):
+        done = await anyio.run_process([sys.executable, str(script), str(db)], check=False)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    run_id = done.stdout.decode().split()[0]
+
+    def rows(sql: str) -> list[Any]:
+        with closing(sqlite3.connect(db)) as conn:
+            return conn.execute(sql).fetchall()
+
+    assert rows(f"SELECT status FROM runs WHERE run_id = '{run_id}'") == [("failed",)]
+    kids = f"SELECT pipeline, status FROM runs WHERE parent_run_id = '{run_id}'"
+    assert rows(kids) == [("asking", "paused")]
+    assert rows("SELECT run_id FROM cascades") == [(run_id,)]
+
+    spec = importlib.util.spec_from_file_location("crash_after_failure", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    async with ws.Engine.open(
+        db, pipelines=[module.parent, module.asking], lease_ttl=0.3, poll_interval=0.05
+    ) as engine:
+
+        async def cancelled() -> bool:
+            return (await children_of(engine, run_id))[0].status != "paused"
+
+        await wait_until("the paused child cancelled", cancelled, timeout=SAFETY, poll=0.05)
+        (child,) = await children_of(engine, run_id)
+        assert child.status == "cancelled"
+        assert (await engine.history(child.run_id))[-1].event == "cancelled"
+        assert (await engine.get(run_id)).status == "failed"
+    assert rows("SELECT run_id FROM cascades") == []
+
+
 @ws.stage
 async def check_doc(doc: str) -> str:
     if doc == "bad":
@@ -880,6 +967,8 @@ async def test_a_group_failing_cancels_the_paused_child_of_a_branch(db: Path) ->
         kids = await children_of(engine, run.run_id)
         assert [(k.pipeline, k.status) for k in kids] == [("reviewing", "cancelled")]
         assert [r.run_id for r in await engine.list(status="paused")] == []
+    with closing(sqlite3.connect(db)) as conn:  # the walk is done: nothing left for recovery
+        assert conn.execute("SELECT * FROM cascades").fetchall() == []
 
 
 async def test_a_retried_map_cancels_the_paused_children_of_its_failed_attempt(db: Path) -> None:

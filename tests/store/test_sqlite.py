@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from waystation.store.base import Guard, NewTransition
@@ -249,5 +250,53 @@ async def test_due_runs_page_by_cursor_and_pipeline(db: Path) -> None:
         assert seen == ["a0", "a3", "a6", "a1", "a4", "a2", "a5"]
         assert await store.due_runs(5.0, pipelines=()) == []
         assert len(await store.due_runs(5.0)) == 14
+    finally:
+        await store.close()
+
+
+async def test_a_run_ending_with_open_children_is_recorded_for_their_cancelling(
+    db: Path,
+) -> None:
+    """An update that ends a run as failed or cancelled while it has an unfinished child
+    records it (in the same commit) for its children to be cancelled, even if the process
+    dies before doing so; a run without unfinished children, or one that ends otherwise, is
+    not recorded. Clearing respects the time of the ending it was asked about, and pruning
+    a tree forgets its records."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        for run_id in ("parent", "lonely", "done_kids", "paused_parent"):
+            await store.create_run(new_run(run_id))
+        for kid, parent in (
+            ("kid", "parent"),
+            ("finished_kid", "done_kids"),
+            ("kid2", "paused_parent"),
+        ):
+            child = msgspec.structs.replace(new_run(kid, parent_run_id=parent), root_run_id=parent)
+            await store.create_run(child)
+        await store.update_run("finished_kid", Guard(("running",)), [], {"status": "succeeded"})
+        ended = {"status": "failed", "lease_owner": None}
+        failed = await store.settle_run("parent", Guard(("running",)), [], ended)
+        assert failed is not None
+        await store.update_run("lonely", Guard(("running",)), [], ended)
+        await store.update_run("done_kids", Guard(("running",)), [], {"status": "cancelled"})
+        await store.update_run("paused_parent", Guard(("running",)), [], {"status": "paused"})
+        # A guard that fails records nothing either.
+        assert await store.update_run("parent", Guard(("running",)), [], ended) is None
+
+        assert await store.open_cascades(failed.updated_at) == []  # only older ones
+        assert await store.open_cascades(failed.updated_at + 1) == [("parent", failed.updated_at)]
+        await store.clear_cascade("parent", upto=failed.updated_at - 1)  # an earlier ending
+        assert [r for r, _ in await store.open_cascades(failed.updated_at + 1)] == ["parent"]
+        await store.clear_cascade("parent", upto=failed.updated_at)
+        assert await store.open_cascades(failed.updated_at + 1) == []
+
+        # Cancelled, the same; and a pruned tree takes its record with it.
+        await store.update_run("paused_parent", Guard(("paused",)), [], {"status": "cancelled"})
+        assert [r for r, _ in await store.open_cascades(2e9)] == ["paused_parent"]
+        await store.update_run("kid2", Guard(("running",)), [], {"status": "cancelled"})
+        assert await store.prune(2e9, ("succeeded", "cancelled")) > 0
+        assert await store.get_run("paused_parent") is None
+        assert await store.open_cascades(2e9) == []
     finally:
         await store.close()

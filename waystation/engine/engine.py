@@ -1116,17 +1116,18 @@ class Engine:
         created_by: float | None = None,
         every: bool = False,
     ) -> int:
-        """Cancel the unfinished descendants of `parents` (only those created by
-        `created_by`, if given); returns how many descendants it found. Walked by parent,
-        an index lookup per run it descends into: a failing leaf in a fan-out of thousands
-        costs one empty lookup, not a tree read. It descends into unfinished runs only (a
-        finished run's children finished with it), or into `every` run (`cancel`: also what
-        a crash left open under a finished run). Each run's children are all read before
-        any is cancelled."""
+        """Cancel the unfinished descendants of `parents`; returns how many descendants it
+        found. With `created_by`, only the children of `parents` created by then (and what
+        is below them): later ones are a retry's. Walked by parent, an index lookup per run
+        it descends into: a failing leaf in a fan-out of thousands costs one empty lookup,
+        not a tree read. It descends into unfinished runs only (a finished run's children
+        finished with it, or it recorded them for `_cascades`), or into `every` run
+        (`cancel`: also what a crash left open under a finished run). Each run's children
+        are all read before any is cancelled."""
         found = 0
-        todo = list(parents)
+        todo = [(parent, created_by) for parent in parents]
         while todo:
-            parent = todo.pop()
+            parent, by = todo.pop()
             kids: builtins.list[RunRecord] = []
             after: str | None = None
             while True:
@@ -1137,15 +1138,36 @@ class Engine:
                 after = page[-1].run_id
             found += len(kids)
             for kid in kids:
-                if created_by is not None and kid.created_at > created_by:
+                if by is not None and kid.created_at > by:
                     continue
                 if kid.status not in TERMINAL:
                     with contextlib.suppress(InvalidRunState):
                         await self._cancel_one(kid.run_id)
                 elif not every:
                     continue
-                todo.append(kid.run_id)
+                # Below, every child goes: a run cancelled here has no retry to spare.
+                todo.append((kid.run_id, None))
+            if kids:
+                # This run's children are seen to: what its ending recorded for a
+                # recovery to do this (`_cascades`) is done.
+                await self.store.clear_cascade(parent, upto=by)
         return found
+
+    async def _cascades(self) -> None:
+        """Cancel what a failed or cancelled run left open when the process that ended it
+        died before cancelling its children (the store records such a run in the commit
+        that ends it). Only records older than a lease, so as not to race the engine that
+        is doing it right now."""
+        for run_id, since in await self.store.open_cascades(time.time() - self.lease_ttl):
+            try:
+                found = await self._cancel_below([run_id], created_by=since)
+                if not found:
+                    await self.store.clear_cascade(run_id, upto=since)
+            except WaystationError as exc:
+                self._warn_once(run_id, f"run {run_id}: its open children not cancelled: {exc}")
+                continue
+            if found:
+                log.info("run %s: the children it left open are cancelled", run_id)
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
@@ -1417,6 +1439,7 @@ class Engine:
                 after=after, limit=500, exclude_owner=None if self._stranded else self.owner
             )
             if not batch:
+                await self._cascades()
                 return claimed
             after = batch[-1].run_id
             for record in batch:

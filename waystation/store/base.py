@@ -267,6 +267,17 @@ class Store(Protocol):
         """Add `amount` to a tree's named budget unless that passes `limit`; the new total,
         or None when refused."""
 
+    async def open_cascades(self, before: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Runs whose unfinished children are still to be cancelled, as (run_id, since),
+        oldest first, only those that ended before `before`. An update that sets a run's
+        status to failed or cancelled while the run has unfinished (pending, running or
+        paused) children records the run here with the commit time, in the same
+        transaction; `clear_cascade` removes it."""
+
+    async def clear_cascade(self, run_id: str, upto: float | None = None) -> None:
+        """Forget the run's entry in `open_cascades` (only if recorded at or before `upto`,
+        when given: an entry from a later ending stays)."""
+
     async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
         """Delete up to `limit` whole trees whose runs all have one of `statuses` and were
         all last updated before `before`; returns the number of runs deleted."""

@@ -282,6 +282,19 @@ def _settle_results(batch: list[tuple[WriteOp, asyncio.Future[Any]]], results: l
             future.set_result(value)
 
 
+# A run ending failed or cancelled while it has unfinished children is recorded, in the
+# transaction that ends it, for its children to be cancelled (`Store.open_cascades`).
+_MARK_CASCADE = (
+    "INSERT OR REPLACE INTO cascades (run_id, since) SELECT ?1, ?2 WHERE EXISTS "
+    "(SELECT 1 FROM runs WHERE parent_run_id = ?1 AND status IN ('pending', 'running', 'paused'))"
+)
+
+
+def _ends(values: dict[str, Any] | None) -> bool:
+    """True for an update that ends a run as failed or cancelled."""
+    return values is not None and values.get("status") in ("failed", "cancelled")
+
+
 def _store_error(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlite3.Error):
         return StoreError(f"database write failed: {type(exc).__name__}: {exc}")
@@ -388,6 +401,7 @@ class SQLiteStore:
         values: dict[str, Any] | None = None,
     ) -> int | None:
         sql, params = self._update(run_id, guard, len(transitions), values, full=False)
+        ends = _ends(values)
 
         def write(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int | None:
             now = time.time()
@@ -396,6 +410,8 @@ class SQLiteStore:
                 return None
             new_seq: int = row[0]
             batched.append(rows, run_id, new_seq - len(transitions), transitions, now)
+            if ends:
+                conn.execute(_MARK_CASCADE, (run_id, now))
             return new_seq
 
         result: int | None = await self._write(write)
@@ -442,12 +458,15 @@ class SQLiteStore:
         values: dict[str, Any] | None = None,
     ) -> RunRecord | None:
         sql, params = self._update(run_id, guard, len(transitions), values, full=True)
+        ends = _ends(values)
 
         def write(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> Any:
             now = time.time()
             row = conn.execute(sql, (now, *params)).fetchone()
             if row is not None:
                 batched.append(rows, run_id, row[6] - len(transitions), transitions, now)
+                if ends:
+                    conn.execute(_MARK_CASCADE, (run_id, now))
             return row
 
         row = await self._write(write)
@@ -555,6 +574,21 @@ class SQLiteStore:
 
         result: float | None = await self._write(op)
         return result
+
+    async def open_cascades(self, before: float, limit: int = 100) -> list[tuple[str, float]]:
+        rows = await self._read(
+            "SELECT run_id, since FROM cascades WHERE since < ? ORDER BY since LIMIT ?",
+            (before, limit),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    async def clear_cascade(self, run_id: str, upto: float | None = None) -> None:
+        params: tuple[Any, ...] = (run_id,)
+        if upto is None:
+            sql = "DELETE FROM cascades WHERE run_id = ?"
+        else:
+            sql, params = "DELETE FROM cascades WHERE run_id = ? AND since <= ?", (run_id, upto)
+        await self._write(lambda conn, rows: conn.execute(sql, params).rowcount)
 
     async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
         count: int = await self._write(lambda conn, rows: _prune(conn, before, statuses, limit))
@@ -734,5 +768,9 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
         "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
     )
     conn.execute("DELETE FROM budgets WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
+    conn.execute(
+        "DELETE FROM cascades WHERE run_id IN "
+        "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
+    )
     cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     return cur.rowcount
