@@ -1064,8 +1064,9 @@ class Soak:
             row[0]: row
             for row in query(
                 self.db,
-                "SELECT run_id, pipeline, status, input, output, error, pause, parent_run_id, "
-                "root_run_id, lease_owner FROM runs",
+                "SELECT run_id, pipeline, status, "
+                "(SELECT input FROM run_inputs i WHERE i.run_id = runs.run_id), output, error, "
+                "pause, parent_run_id, root_run_id, lease_owner FROM runs",
             )
         }
         journal: dict[str, list[tuple[Any, ...]]] = collections.defaultdict(list)

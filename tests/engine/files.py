@@ -19,9 +19,11 @@ def journal(db: Path, run_id: str, columns: str = JOURNAL_COLUMNS) -> list[tuple
 
 
 def run_row(db: Path, run_id: str) -> dict[str, Any]:
-    """One run's row, by column name."""
+    """One run's row, by column name (with its input)."""
     with closing(sqlite3.connect(db)) as conn:
         conn.row_factory = sqlite3.Row
         row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         assert row is not None, f"no run row for {run_id}"
-        return dict(row)
+        found = conn.execute("SELECT input FROM run_inputs WHERE run_id = ?", (run_id,))
+        stored = found.fetchone()  # the input has a table of its own (migration 5)
+        return {**dict(row), "input": stored[0] if stored else None}

@@ -627,7 +627,7 @@ async def test_a_stale_middle_run_that_no_longer_loads_fails_the_link(db: Path) 
         engine._wake_ancestors = lost  # type: ignore[method-assign]
         await engine.resume(bottom.run_id, True)
     with closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute("UPDATE runs SET input = '[1, 2]' WHERE run_id = ?", (middle.run_id,))
+        conn.execute("UPDATE run_inputs SET input = '[1, 2]' WHERE run_id = ?", (middle.run_id,))
     async with ws.Engine.open(db, pipelines=[p_level]) as engine:
         with anyio.fail_after(SAFETY):
             await engine.wake_if_stale(run.run_id)

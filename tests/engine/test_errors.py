@@ -59,15 +59,16 @@ def expense_pipeline(calls: Counter[str], *, pay_returns_int: bool = False) -> w
 
 
 def snapshot(db: Path, run_id: str) -> tuple[dict[str, Any], list[tuple[Any, ...]]]:
-    """The run row and its journal, exactly as stored."""
+    """The run row (with its input) and its journal, exactly as stored."""
     with closing(sqlite3.connect(db)) as conn:
         conn.row_factory = sqlite3.Row
         row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         assert row is not None
+        stored = conn.execute("SELECT input FROM run_inputs WHERE run_id = ?", (run_id,))
         rows = conn.execute(
             "SELECT * FROM transitions WHERE run_id = ? ORDER BY seq", (run_id,)
         ).fetchall()
-        return dict(row), [tuple(r) for r in rows]
+        return {**dict(row), "input": stored.fetchall()}, [tuple(r) for r in rows]
 
 
 def write_file(path: Path, text: str) -> None:

@@ -407,7 +407,7 @@ async def test_a_pause_of_a_run_whose_state_no_longer_loads_still_expires(db: Pa
             "UPDATE transitions SET payload = '[1, 2]' WHERE run_id = ? AND event = 'created'",
             (run.run_id,),
         )
-        conn.execute("UPDATE runs SET input = '[1, 2]' WHERE run_id = ?", (run.run_id,))
+        conn.execute("UPDATE run_inputs SET input = '[1, 2]' WHERE run_id = ?", (run.run_id,))
     async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:
         clock.advance(3 * DAY)
         done = await _settled(engine, run.run_id)

@@ -122,3 +122,38 @@ async def test_a_journal_written_before_folded_rows_reads_the_same_after(
     with closing(_conn(db)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM transitions").fetchone() == (5,)
         assert conn.execute("SELECT COUNT(*) FROM journal").fetchone() == (6,)
+
+
+async def test_inputs_written_in_the_runs_row_move_to_their_own_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before migration 5 a run's input was a column of its row; after it, the input lives
+    in `run_inputs` (a stage commit no longer rewrites it) and reads the same."""
+    db = tmp_path / "old.db"
+    every = migrations.migrations("sqlite")
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:4])
+        conn = _conn(db)
+        migrations.apply(conn)
+    conn.executemany(
+        "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, seq, "
+        "stage_index, input, root_run_id, lease_owner, created_at, updated_at) "
+        "VALUES (?, 'p', '1', 'f', 'running', 2, 0, ?, ?, 'me', 1, 1)",
+        [("r1", '{"doc": "' + "x" * 5000 + '"}', "r1"), ("r2", None, "r2")],
+    )
+    conn.close()
+
+    store = SQLiteStore(db)
+    await store.open()  # applies 0005
+    try:
+        r1, r2 = await store.get_run("r1"), await store.get_run("r2")
+        assert r1 is not None and r1.input == '{"doc": "' + "x" * 5000 + '"}'
+        assert r2 is not None and r2.input is None
+        assert [r.input for r in await store.list_runs()] == [r1.input, None]
+    finally:
+        await store.close()
+    with closing(_conn(db)) as conn:
+        assert conn.execute("SELECT run_id FROM runs WHERE input IS NOT NULL").fetchall() == []
+        assert conn.execute("SELECT run_id, length(input) FROM run_inputs").fetchall() == [
+            ("r1", 5011)
+        ]

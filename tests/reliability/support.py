@@ -44,7 +44,11 @@ def run_row(db: Path, run_id: str) -> dict[str, Any] | None:
     with closing(sqlite3.connect(db, timeout=SAFETY)) as conn:
         conn.row_factory = sqlite3.Row
         row = conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return None if row is None else dict(row)
+        if row is None:
+            return None
+        found = conn.execute("SELECT input FROM run_inputs WHERE run_id = ?", (run_id,))
+        stored = found.fetchone()  # the input has a table of its own (migration 5)
+        return {**dict(row), "input": stored[0] if stored else None}
 
 
 def journal(db: Path, run_id: str) -> list[tuple[Any, ...]]:

@@ -319,7 +319,7 @@ async def test_a_tampered_payload_is_never_unpickled(tmp_path: Path) -> None:
             "UPDATE transitions SET payload = ? WHERE run_id = ? AND event = 'succeeded'",
             (blob, run.run_id),
         )
-        conn.execute("UPDATE runs SET input = ? WHERE run_id = ?", (blob.hex(), run.run_id))
+        conn.execute("UPDATE run_inputs SET input = ? WHERE run_id = ?", (blob.hex(), run.run_id))
     conn.close()
     CHECKS["tampered payloads"] += 2
     raw: list[str] = []

@@ -300,3 +300,47 @@ async def test_a_run_ending_with_open_children_is_recorded_for_their_cancelling(
         assert await store.open_cascades(2e9) == []
     finally:
         await store.close()
+
+
+async def test_a_runs_input_is_kept_apart_from_its_row(db: Path) -> None:
+    """The input is written once, to `run_inputs` (a run created alone and runs created in
+    one batch alike), and read with the run everywhere a run is read; the row that every
+    stage commit updates does not carry it. Set through an update, it is replaced there;
+    a pruned run takes it with it."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        big = '{"doc": "' + "x" * 20_000 + '"}'
+        created, alone = await store.create_run(msgspec.structs.replace(new_run("a"), input=big))
+        assert created and alone.input == big
+        many = await asyncio.gather(
+            *[
+                store.create_run(
+                    msgspec.structs.replace(new_run(f"b{i:03d}"), input=f'{{"i": {i}}}')
+                )
+                for i in range(300)
+            ]
+        )
+        assert store.stats["batches"] < 301  # some were created in one batch
+        assert all(r.input == f'{{"i": {i}}}' for i, (_, r) in enumerate(many))
+        assert (await store.get_run("a")).input == big  # type: ignore[union-attr]
+        assert [r.input for r in await store.list_runs(limit=2)] == [big, '{"i": 0}']
+        # Created again (the same id): nothing changes, the existing input comes back.
+        created, again = await store.create_run(msgspec.structs.replace(new_run("a"), input="{}"))
+        assert not created and again.input == big
+
+        settled = await store.settle_run(
+            "a", Guard(("running",)), [], {"status": "succeeded", "input": '{"doc": "y"}'}
+        )
+        assert settled is not None and settled.input == '{"doc": "y"}'
+        assert (await store.get_run("a")).input == '{"doc": "y"}'  # type: ignore[union-attr]
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM runs WHERE input IS NOT NULL").fetchone() == (
+                0,
+            )
+            assert conn.execute("SELECT COUNT(*) FROM run_inputs").fetchone() == (301,)
+        assert await store.prune(2e9, ("succeeded",)) == 1
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM run_inputs").fetchone() == (300,)
+    finally:
+        await store.close()

@@ -22,11 +22,14 @@ from typing import Any, ClassVar
 
 from .base import NewRun, NewTransition, TransitionRecord
 
+INPUT = "(SELECT input FROM run_inputs WHERE run_inputs.run_id = runs.run_id)"
+"""A run's input, as a column of `runs` reads it (it lives in `run_inputs`: migration 5)."""
 RUN_FIELDS = (
-    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
-    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
-    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
+    f"run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, {INPUT}, "
+    "output, error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, "
+    "lease_owner, lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
 )
+"""A `RunRecord`'s columns, for a SELECT or RETURNING on `runs`."""
 TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
 STORED_FIELDS = TRANSITION_FIELDS + ", next_event, next_path, next_attempt"
 """A stored journal row: a transition, and the one folded into it (see `append`)."""
@@ -79,14 +82,25 @@ _INSERT_ROWS = {
     n: f"INSERT INTO transitions ({STORED_FIELDS}) VALUES {', '.join([_JOURNAL_ROW] * n)}"
     for n in CHUNKS
 }
-# A new run has no output, error, pause or cancel yet (literals, not parameters); its
-# optional columns are bound as `_NO_TEXT` / `_NO_NUMBER` for None (`Create._bound`).
+# A new run has no output, error, pause or cancel yet, and its input goes to `run_inputs`
+# (literals, not parameters); its optional columns are bound as `_NO_TEXT` / `_NO_NUMBER`
+# for None (`Create._bound`).
+_RUN_COLUMNS = (
+    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
+    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
+    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
+)
 _RUN_ROW = (
-    "(?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULLIF(?, -1), ?, ?, ?, NULLIF(?, -1), "
+    "(?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULLIF(?, -1), ?, ?, ?, NULLIF(?, -1), "
     "NULLIF(?, -1), NULLIF(?, ''), 0, NULLIF(?, -1), ?, ?, NULLIF(?, ''))"
 )
 _CREATE_ROWS = {
-    n: f"INSERT INTO runs ({RUN_FIELDS}) VALUES {', '.join([_RUN_ROW] * n)} ON CONFLICT DO NOTHING"
+    n: f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES {', '.join([_RUN_ROW] * n)} "
+    "ON CONFLICT DO NOTHING"
+    for n in CHUNKS
+}
+_INPUT_ROWS = {
+    n: f"INSERT OR REPLACE INTO run_inputs (run_id, input) VALUES {', '.join(['(?, ?)'] * n)}"
     for n in CHUNKS
 }
 
@@ -243,7 +257,7 @@ class Create:
     def _bound(v: tuple[Any, ...]) -> tuple[Any, ...]:
         """`values` as `_RUN_ROW` binds them."""
         return (
-            *v[:8],
+            *v[:7],
             _NO_TEXT if v[11] is None else v[11],  # parent_run_id
             v[12],
             v[13],
@@ -262,6 +276,8 @@ class Create:
         values = self.values(now)
         run = self.run
         if conn.execute(self._many[1], self._bound(values)).rowcount == 1:
+            if run.input is not None:
+                conn.execute(_INPUT_ROWS[1], (run.run_id, run.input))
             append(rows, run.run_id, 0, run.transitions, now)
             return True, values
         # Nothing inserted: an existing id or idempotency key. Return what exists.
@@ -284,6 +300,8 @@ class Create:
         bound = cls._bound
         if _apply_chunked(conn, cls._many, [bound(v) for v in values], ()) != len(ops):
             raise GuardMissed()
+        inputs = [(op.run.run_id, op.run.input) for op in ops if op.run.input is not None]
+        _apply_chunked(conn, _INPUT_ROWS, inputs, ())
         for op in ops:
             append(rows, op.run.run_id, 0, op.run.transitions, now)
         return [(True, v) for v in values]

@@ -290,6 +290,26 @@ _MARK_CASCADE = (
 )
 
 
+_KEEP: Any = object()
+
+
+def _split_input(values: dict[str, Any] | None) -> tuple[dict[str, Any] | None, Any]:
+    """`values` without `input` (it lives in `run_inputs`), and the new input (or `_KEEP`)."""
+    if values is None or "input" not in values:
+        return values, _KEEP
+    rest = dict(values)
+    return rest, rest.pop("input")
+
+
+def _set_input(conn: sqlite3.Connection, run_id: str, value: str | None) -> None:
+    if value is None:
+        conn.execute("DELETE FROM run_inputs WHERE run_id = ?", (run_id,))
+    else:
+        conn.execute(
+            "INSERT OR REPLACE INTO run_inputs (run_id, input) VALUES (?, ?)", (run_id, value)
+        )
+
+
 def _ends(values: dict[str, Any] | None) -> bool:
     """True for an update that ends a run as failed or cancelled."""
     return values is not None and values.get("status") in ("failed", "cancelled")
@@ -400,6 +420,7 @@ class SQLiteStore:
         transitions: Sequence[NewTransition],
         values: dict[str, Any] | None = None,
     ) -> int | None:
+        values, new_input = _split_input(values)
         sql, params = self._update(run_id, guard, len(transitions), values, full=False)
         ends = _ends(values)
 
@@ -412,6 +433,8 @@ class SQLiteStore:
             batched.append(rows, run_id, new_seq - len(transitions), transitions, now)
             if ends:
                 conn.execute(_MARK_CASCADE, (run_id, now))
+            if new_input is not _KEEP:
+                _set_input(conn, run_id, new_input)
             return new_seq
 
         result: int | None = await self._write(write)
@@ -457,6 +480,7 @@ class SQLiteStore:
         transitions: Sequence[NewTransition],
         values: dict[str, Any] | None = None,
     ) -> RunRecord | None:
+        values, new_input = _split_input(values)
         sql, params = self._update(run_id, guard, len(transitions), values, full=True)
         ends = _ends(values)
 
@@ -467,6 +491,9 @@ class SQLiteStore:
                 batched.append(rows, run_id, row[6] - len(transitions), transitions, now)
                 if ends:
                     conn.execute(_MARK_CASCADE, (run_id, now))
+                if new_input is not _KEEP:
+                    _set_input(conn, run_id, new_input)
+                    row = (*row[:7], new_input, *row[8:])
             return row
 
         row = await self._write(write)
@@ -768,9 +795,10 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
         "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
     )
     conn.execute("DELETE FROM budgets WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
-    conn.execute(
-        "DELETE FROM cascades WHERE run_id IN "
-        "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
-    )
+    for table in ("cascades", "run_inputs"):
+        conn.execute(
+            f"DELETE FROM {table} WHERE run_id IN "
+            "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
+        )
     cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     return cur.rowcount
