@@ -17,6 +17,7 @@ prints, over the middle of the measurement:
     full collections of the process's own objects cost D.
 It patches private methods of the store (`_Writer._commit`, the writer's connection) and
 the selector, so if those change this script says so rather than measuring nothing.
+With `--timeline` it also prints the last wave commit by commit.
 """
 
 from __future__ import annotations
@@ -107,10 +108,12 @@ async def trial(freeze: bool = False) -> dict[str, Any]:
             gc.callbacks.append(gc_timer)
             cpu0, t0, first = thread_cpu(), time.perf_counter(), len(batches)
             for _ in range(WAVES):
+                wave = (time.perf_counter(), len(batches))
                 runs = await asyncio.gather(
                     *(engine.submit(PIPELINE, RUN_INPUT) for _ in range(RUNS))
                 )
                 await asyncio.gather(*(engine.wait(r.run_id) for r in runs))
+            wave_end = time.perf_counter()
             elapsed, cpu1 = time.perf_counter() - t0, thread_cpu()
             gc.callbacks.remove(gc_timer)
     finally:
@@ -132,7 +135,19 @@ async def trial(freeze: bool = False) -> dict[str, Any]:
 
     busy = [(s, e) for s, e, _, _ in window]
     loop_idle = [(max(s, lo), min(e, hi)) for s, e in idle if e > lo and s < hi]
+    w0 = wave[0]
+    last_wave = [
+        {
+            "start_ms": round((s - w0) * 1e3, 2),
+            "end_ms": round((e - w0) * 1e3, 2),
+            "writes": n,
+            "writer_cpu_ms": round(c * 1e3, 2),
+            "loop_idle_ms": round(overlap([(s, e)], idle) * 1e3, 2),
+        }
+        for s, e, n, c in batches[wave[1] :]
+    ]
     return {
+        "last_wave": {"wall_ms": round((wave_end - w0) * 1e3, 1), "batches": last_wave},
         "transitions_per_s": transitions / elapsed,
         "cpu_us_per_transition": {
             "event_loop": round(per.get("MainThread", 0.0), 1),
@@ -166,6 +181,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=3)
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once warm")
+    parser.add_argument(
+        "--timeline", action="store_true", help="also print every commit of the last wave"
+    )
     args = parser.parse_args()
     for k in range(args.trials):
         r = emit(
@@ -196,6 +214,25 @@ def main() -> None:
                 f"  {kind:<24} x{s['count']:<6} wall {s['wall_ms_total']:7.1f} ms "
                 f"(median {s['wall_us_median']:7.1f} us)  CPU {s['cpu_ms_total']:7.1f} ms"
             )
+        if args.timeline:
+            print_timeline(r["last_wave"])
+
+
+def print_timeline(wave: dict[str, Any]) -> None:
+    """The last wave commit by commit: when each began and ended (ms from the wave's start),
+    how many writes it carried, the writer's CPU in it and how long the loop sat idle
+    meanwhile. Writer CPU plus the loop's busy time (wall - idle) near the commit's wall
+    time means the two threads took turns rather than working at once."""
+    print(f"  last wave, {wave['wall_ms']} ms, commit by commit:")
+    print("     start      end  writes  writer CPU  loop idle   loop busy + writer CPU")
+    for b in wave["batches"]:
+        wall = b["end_ms"] - b["start_ms"]
+        both = wall - b["loop_idle_ms"] + b["writer_cpu_ms"]
+        print(
+            f"  {b['start_ms']:8.2f} {b['end_ms']:8.2f} {b['writes']:7d} "
+            f"{b['writer_cpu_ms']:8.2f} ms {b['loop_idle_ms']:7.2f} ms   "
+            f"{both:6.2f} ms of {wall:6.2f} ms"
+        )
 
 
 if __name__ == "__main__":
