@@ -7,6 +7,7 @@ import importlib.util
 import signal
 import sqlite3
 import sys
+import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -934,6 +935,62 @@ async def test_a_crash_after_a_failure_leaves_no_child_open(tmp_path: Path) -> N
         assert (await engine.history(child.run_id))[-1].event == "cancelled"
         assert (await engine.get(run_id)).status == "failed"
     assert rows("SELECT run_id FROM cascades") == []
+
+
+async def test_a_long_walk_after_a_crash_holds_up_neither_open_nor_the_leases(
+    db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery's walk through what ended runs left open runs in a task of its own: while
+    it is under way (here: held), `Engine.open` returns, the engine keeps polling, and a
+    second walk is not started beside it. Released, it cancels the child."""
+    ask = ws.Pipeline("walk-ask", [ws.gate("ok", schema=bool)])
+
+    @ws.stage
+    async def launch(ctx: ws.StageContext) -> bool:
+        return bool(await ctx.run_child(ask, {}))
+
+    parent = ws.Pipeline("walk-parent", [launch])
+    async with ws.Engine.open(db, pipelines=[parent, ask]) as engine:
+        run = await engine.start(parent)
+        assert run.status == "paused"
+        await engine.cancel(run.run_id)
+        (kid,) = await children_of(engine, run.run_id)
+    with closing(sqlite3.connect(db)) as conn, conn:  # as a crash before the walk leaves it
+        conn.execute("UPDATE runs SET status = 'paused' WHERE run_id = ?", (kid.run_id,))
+        conn.execute("INSERT INTO cascades VALUES (?, ?)", (run.run_id, time.time()))
+
+    held, walks, polls = anyio.Event(), [], []
+    walk = ws.Engine._cancel_below
+    recover = ws.Engine.recover
+
+    async def slow_walk(self: ws.Engine, parents: list[str], **kw: Any) -> int:
+        walks.append(parents)
+        await held.wait()
+        return await walk(self, parents, **kw)
+
+    async def counted(self: ws.Engine) -> int:
+        polls.append(1)
+        return await recover(self)
+
+    monkeypatch.setattr(ws.Engine, "_cancel_below", slow_walk)
+    monkeypatch.setattr(ws.Engine, "recover", counted)
+    with anyio.fail_after(SAFETY):
+        async with ws.Engine.open(
+            db, pipelines=[parent, ask], poll_interval=0.02, lease_ttl=0.2
+        ) as engine:
+            await wait_until("the walk under way", lambda: bool(walks), SAFETY)
+            polled = len(polls)
+            await wait_until("polls during the walk", lambda: len(polls) > polled + 3, SAFETY)
+            assert walks == [[run.run_id]]  # one walk, still held
+            assert (await engine.get(kid.run_id)).status == "paused"
+            held.set()
+
+            async def cancelled() -> bool:
+                return (await engine.get(kid.run_id)).status == "cancelled"
+
+            await wait_until("the child cancelled", cancelled, SAFETY)
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("SELECT * FROM cascades").fetchall() == []
 
 
 @ws.stage

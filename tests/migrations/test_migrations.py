@@ -157,3 +157,35 @@ async def test_inputs_written_in_the_runs_row_move_to_their_own_table(
         assert conn.execute("SELECT run_id, length(input) FROM run_inputs").fetchall() == [
             ("r1", 5011)
         ]
+
+
+async def test_runs_a_crash_left_with_open_children_are_recorded_for_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 4 records the failed or cancelled runs that already have unfinished
+    children (a crash before this version left them so), for recovery to cancel those."""
+    db = tmp_path / "old.db"
+    every = migrations.migrations("sqlite")
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:3])
+        conn = _conn(db)
+        migrations.apply(conn)
+    conn.executemany(
+        "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
+        "parent_run_id, root_run_id, created_at, updated_at) "
+        "VALUES (?, 'p', '1', 'f', ?, ?, 'x', 1, ?)",
+        [
+            ("failed_open", "failed", None, 5.0),
+            ("kid1", "paused", "failed_open", 1.0),
+            ("failed_done", "failed", None, 6.0),
+            ("kid2", "succeeded", "failed_done", 1.0),
+            ("paused_open", "paused", None, 7.0),
+            ("kid3", "paused", "paused_open", 1.0),
+        ],
+    )
+    conn.close()
+    with closing(_conn(db)) as conn:
+        migrations.apply(conn)
+        assert conn.execute("SELECT run_id, since FROM cascades").fetchall() == [
+            ("failed_open", 5.0)
+        ]

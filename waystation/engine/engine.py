@@ -175,6 +175,7 @@ class Engine:
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
         self._warned: set[str] = set()
+        self._cascading = False  # `_cascades` is under way
         """Runs this engine said it cannot act on (said once, not at every look)."""
         self._task_group: anyio.abc.TaskGroup | None = None
         self._runs: set[asyncio.Task[None]] = set()
@@ -1153,21 +1154,35 @@ class Engine:
                 await self.store.clear_cascade(parent, upto=by)
         return found
 
+    def _start_cascades(self) -> None:
+        """Start `_cascades` in a task of its own, unless it is under way: a walk through
+        thousands of children must not hold up lease renewal, cancel requests or
+        `Engine.open` (the recovery that calls this)."""
+        if self._cascading or self._task_group is None or self._closing:
+            return
+        self._cascading = True
+        self._task_group.start_soon(self._cascades, name="waystation-cascades")
+
     async def _cascades(self) -> None:
         """Cancel what a failed or cancelled run left open when the process that ended it
         died before cancelling its children (the store records such a run in the commit
         that ends it). Only records older than a lease, so as not to race the engine that
         is doing it right now."""
-        for run_id, since in await self.store.open_cascades(time.time() - self.lease_ttl):
-            try:
-                found = await self._cancel_below([run_id], created_by=since)
-                if not found:
-                    await self.store.clear_cascade(run_id, upto=since)
-            except WaystationError as exc:
-                self._warn_once(run_id, f"run {run_id}: its open children not cancelled: {exc}")
-                continue
-            if found:
-                log.info("run %s: the children it left open are cancelled", run_id)
+        try:
+            for run_id, since in await self.store.open_cascades(time.time() - self.lease_ttl):
+                try:
+                    if not await self._cancel_below([run_id], created_by=since):
+                        await self.store.clear_cascade(run_id, upto=since)
+                except WaystationError as exc:
+                    self._warn_once(run_id, f"run {run_id}: open children not cancelled: {exc}")
+                    continue
+                log.debug("run %s: the children its ending left open are seen to", run_id)
+        except WaystationError as exc:  # closing, or the store failed: the next poll retries
+            log.debug("open children of ended runs not looked at: %s", exc)
+        except Exception:
+            log.exception("looking after the open children of ended runs failed; will retry")
+        finally:
+            self._cascading = False
 
     async def _cancel_one(self, run_id: str) -> Run:
         self._check_open()
@@ -1439,7 +1454,7 @@ class Engine:
                 after=after, limit=500, exclude_owner=None if self._stranded else self.owner
             )
             if not batch:
-                await self._cascades()
+                self._start_cascades()
                 return claimed
             after = batch[-1].run_id
             for record in batch:

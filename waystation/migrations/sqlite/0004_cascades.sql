@@ -7,3 +7,11 @@ CREATE TABLE cascades (
     run_id  TEXT PRIMARY KEY,
     since   REAL NOT NULL
 ) WITHOUT ROWID;
+
+-- Runs that a crash before this version left that way.
+INSERT INTO cascades (run_id, since)
+SELECT p.run_id, p.updated_at FROM runs p
+WHERE p.status IN ('failed', 'cancelled') AND EXISTS (
+    SELECT 1 FROM runs c
+    WHERE c.parent_run_id = p.run_id AND c.status IN ('pending', 'running', 'paused')
+);
