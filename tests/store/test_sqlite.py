@@ -342,5 +342,12 @@ async def test_a_runs_input_is_kept_apart_from_its_row(db: Path) -> None:
         assert await store.prune(2e9, ("succeeded",)) == 1
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT COUNT(*) FROM run_inputs").fetchone() == (300,)
+            # An input row whose run is gone (left by hand, say) never shows under a new run.
+            conn.execute("INSERT INTO run_inputs VALUES ('gone', '{\"secret\": 1}')")
+        created, fresh = await store.create_run(
+            msgspec.structs.replace(new_run("gone"), input=None)
+        )
+        assert created and fresh.input is None
+        assert (await store.get_run("gone")).input is None  # type: ignore[union-attr]
     finally:
         await store.close()

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from .base import NewRun, NewTransition, TransitionRecord
 
-INPUT = "(SELECT input FROM run_inputs WHERE run_inputs.run_id = runs.run_id)"
+INPUT = "COALESCE((SELECT input FROM run_inputs WHERE run_inputs.run_id = runs.run_id), runs.input)"
 """A run's input, as a column of `runs` reads it (it lives in `run_inputs`: migration 5)."""
 RUN_FIELDS = (
     f"run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, {INPUT}, "
@@ -276,8 +276,7 @@ class Create:
         values = self.values(now)
         run = self.run
         if conn.execute(self._many[1], self._bound(values)).rowcount == 1:
-            if run.input is not None:
-                conn.execute(_INPUT_ROWS[1], (run.run_id, run.input))
+            conn.execute(_INPUT_ROWS[1], (run.run_id, run.input))
             append(rows, run.run_id, 0, run.transitions, now)
             return True, values
         # Nothing inserted: an existing id or idempotency key. Return what exists.
@@ -300,8 +299,8 @@ class Create:
         bound = cls._bound
         if _apply_chunked(conn, cls._many, [bound(v) for v in values], ()) != len(ops):
             raise GuardMissed()
-        inputs = [(op.run.run_id, op.run.input) for op in ops if op.run.input is not None]
-        _apply_chunked(conn, _INPUT_ROWS, inputs, ())
+        # Every run gets its row, None too: nothing left by a run of the same id can show.
+        _apply_chunked(conn, _INPUT_ROWS, [(op.run.run_id, op.run.input) for op in ops], ())
         for op in ops:
             append(rows, op.run.run_id, 0, op.run.transitions, now)
         return [(True, v) for v in values]

@@ -302,12 +302,8 @@ def _split_input(values: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
 
 
 def _set_input(conn: sqlite3.Connection, run_id: str, value: str | None) -> None:
-    if value is None:
-        conn.execute("DELETE FROM run_inputs WHERE run_id = ?", (run_id,))
-    else:
-        conn.execute(
-            "INSERT OR REPLACE INTO run_inputs (run_id, input) VALUES (?, ?)", (run_id, value)
-        )
+    conn.execute("INSERT OR REPLACE INTO run_inputs (run_id, input) VALUES (?, ?)", (run_id, value))
+    conn.execute("UPDATE runs SET input = NULL WHERE run_id = ? AND input IS NOT NULL", (run_id,))
 
 
 def _ends(values: dict[str, Any] | None) -> bool:
