@@ -81,6 +81,9 @@ def fill(db: str, template_id: str, extra: int, chunk: int = 50_000) -> dict[str
         f"SELECT {', '.join(tcols)} FROM transitions WHERE run_id = ? ORDER BY seq",
         (template_id,),
     ).fetchall()
+    (template_input,) = conn.execute(
+        "SELECT input FROM run_inputs WHERE run_id = ?", (template_id,)
+    ).fetchone()
     template = dict(zip(cols, run_row, strict=True))
     assert template["status"] == "paused" and template["root_run_id"] == template_id
     i_created, i_updated = cols.index("created_at"), cols.index("updated_at")
@@ -95,13 +98,14 @@ def fill(db: str, template_id: str, extra: int, chunk: int = 50_000) -> dict[str
     insert_tr = (
         f"INSERT INTO transitions ({', '.join(tcols)}) VALUES ({', '.join('?' * len(tcols))})"
     )
+    insert_input = "INSERT INTO run_inputs (run_id, input) VALUES (?, ?)"
     rand = random.Random(6)
     now_ms = int(template["created_at"] * 1000)
     base_ms = now_ms - (extra // 1000 + 2) * 1000  # ~1000 runs per second of history
     t0 = time.perf_counter()
     ids_sample: list[str] = []
     for start in range(0, extra, chunk):
-        runs, transitions = [], []
+        runs, transitions, inputs = [], [], []
         for i in range(start, min(start + chunk, extra)):
             ms = base_ms + i
             rid = _uuid7(ms, 0, rand)
@@ -111,6 +115,7 @@ def fill(db: str, template_id: str, extra: int, chunk: int = 50_000) -> dict[str
                 row[k] = row[k].replace(template_id, rid)
             row[i_created] = row[i_updated] = ts
             runs.append(row)
+            inputs.append((rid, template_input))
             for tr, subst in zip(trows, tr_subst, strict=True):
                 t = list(tr)
                 for k in subst:
@@ -122,6 +127,7 @@ def fill(db: str, template_id: str, extra: int, chunk: int = 50_000) -> dict[str
         conn.execute("BEGIN")
         conn.executemany(insert_run, runs)
         conn.executemany(insert_tr, transitions)
+        conn.executemany(insert_input, inputs)
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - t0
     # No ANALYZE: the engine never runs it, so the query planner sees what it would see.

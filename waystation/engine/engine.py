@@ -1156,8 +1156,7 @@ class Engine:
 
     def _start_cascades(self) -> None:
         """Start `_cascades` in a task of its own, unless it is under way: a walk through
-        thousands of children must not hold up lease renewal, cancel requests or
-        `Engine.open` (the recovery that calls this)."""
+        thousands of children must not hold up lease renewal or cancel requests."""
         if self._cascading or self._task_group is None or self._closing:
             return
         self._cascading = True
@@ -1454,7 +1453,6 @@ class Engine:
                 after=after, limit=500, exclude_owner=None if self._stranded else self.owner
             )
             if not batch:
-                self._start_cascades()
                 return claimed
             after = batch[-1].run_id
             for record in batch:
@@ -1500,6 +1498,9 @@ class Engine:
                     await self._honour_cancel_requests()
                 if self._recover_on_open:
                     await self.recover()
+                    # Not in `recover`, which `Engine.open` awaits: a fresh process's open
+                    # and first resume should not share the reader with it.
+                    self._start_cascades()
             except Exception:
                 log.exception("lease maintenance failed; will try again")
 
