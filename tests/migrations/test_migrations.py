@@ -68,15 +68,21 @@ def test_migrations_read_through_importlib_resources_too(monkeypatch: pytest.Mon
     assert [m.version for m in direct] == list(range(1, len(direct) + 1))
 
 
+def _at_version(db: Path, monkeypatch: pytest.MonkeyPatch, version: int) -> sqlite3.Connection:
+    """A new database brought up to `version` only, as an older waystation left it."""
+    every = migrations.migrations("sqlite")
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:version])
+        conn = _conn(db)
+        migrations.apply(conn)
+    return conn
+
+
 async def test_a_journal_written_before_folded_rows_reads_the_same_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     db = tmp_path / "old.db"
-    every = migrations.migrations("sqlite")
-    with monkeypatch.context() as m:
-        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:2])
-        conn = _conn(db)
-        migrations.apply(conn)
+    conn = _at_version(db, monkeypatch, 2)
     old = [
         ("created", None, None, 0, None),
         ("started", 0, "a", 1, None),
@@ -130,11 +136,7 @@ async def test_inputs_written_in_the_runs_row_move_to_their_own_table(
     """Before migration 5 a run's input was a column of its row; after it, the input lives
     in `run_inputs` (a stage commit no longer rewrites it) and reads the same."""
     db = tmp_path / "old.db"
-    every = migrations.migrations("sqlite")
-    with monkeypatch.context() as m:
-        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:4])
-        conn = _conn(db)
-        migrations.apply(conn)
+    conn = _at_version(db, monkeypatch, 4)
     conn.executemany(
         "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, seq, "
         "stage_index, input, root_run_id, lease_owner, created_at, updated_at) "
@@ -165,11 +167,7 @@ async def test_runs_a_crash_left_with_open_children_are_recorded_for_recovery(
     """Migration 4 records the failed or cancelled runs that already have unfinished
     children (a crash before this version left them so), for recovery to cancel those."""
     db = tmp_path / "old.db"
-    every = migrations.migrations("sqlite")
-    with monkeypatch.context() as m:
-        m.setattr(migrations, "migrations", lambda backend="sqlite": every[:3])
-        conn = _conn(db)
-        migrations.apply(conn)
+    conn = _at_version(db, monkeypatch, 3)
     conn.executemany(
         "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, "
         "parent_run_id, root_run_id, created_at, updated_at) "
