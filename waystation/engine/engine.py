@@ -175,8 +175,9 @@ class Engine:
         self._stranded: set[str] = set()
         self._unloadable: set[str] = set()
         self._warned: set[str] = set()
-        self._cascading = False  # `_cascades` is under way
         """Runs this engine said it cannot act on (said once, not at every look)."""
+        self._cascading = False
+        """`_cascades` is under way (one at a time)."""
         self._task_group: anyio.abc.TaskGroup | None = None
         self._runs: set[asyncio.Task[None]] = set()
         """The tasks driving runs. Plain asyncio tasks rather than the task group's: a run

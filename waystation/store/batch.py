@@ -22,13 +22,15 @@ from typing import Any, ClassVar
 
 from .base import NewRun, NewTransition, TransitionRecord
 
+_RUN_COLUMNS = (
+    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
+    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
+    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
+)
+"""The columns of `runs`, in `RunRecord`'s order."""
 INPUT = "COALESCE((SELECT input FROM run_inputs WHERE run_inputs.run_id = runs.run_id), runs.input)"
 """A run's input, as a column of `runs` reads it (it lives in `run_inputs`: migration 5)."""
-RUN_FIELDS = (
-    f"run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, {INPUT}, "
-    "output, error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, "
-    "lease_owner, lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
-)
+RUN_FIELDS = _RUN_COLUMNS.replace(" seq, input,", f" seq, {INPUT},")
 """A `RunRecord`'s columns, for a SELECT or RETURNING on `runs`."""
 TRANSITION_FIELDS = "run_id, seq, stage_index, stage_path, event, attempt, payload, error, at"
 STORED_FIELDS = TRANSITION_FIELDS + ", next_event, next_path, next_attempt"
@@ -85,11 +87,6 @@ _INSERT_ROWS = {
 # A new run has no output, error, pause or cancel yet, and its input goes to `run_inputs`
 # (literals, not parameters); its optional columns are bound as `_NO_TEXT` / `_NO_NUMBER`
 # for None (`Create._bound`).
-_RUN_COLUMNS = (
-    "run_id, pipeline, pipeline_version, fingerprint, status, stage_index, seq, input, output, "
-    "error, pause, parent_run_id, root_run_id, run_kind, depth, idempotency_key, lease_owner, "
-    "lease_expires, cancel_requested, replay_of, created_at, updated_at, wake_at"
-)
 _RUN_ROW = (
     "(?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, NULLIF(?, -1), ?, ?, ?, NULLIF(?, -1), "
     "NULLIF(?, -1), NULLIF(?, ''), 0, NULLIF(?, -1), ?, ?, NULLIF(?, ''))"
