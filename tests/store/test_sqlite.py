@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from waystation.store.base import Guard, NewTransition
-from waystation.store.sqlite import SQLiteStore
+from waystation.store.sqlite import _MARK_CASCADE, SQLiteStore
 
 from .runs import new_run
 
@@ -196,6 +196,17 @@ async def test_wal_and_synchronous_settings(db: Path) -> None:
             assert conn is not None and mode == "wal" and sync == expected
         finally:
             await store.close()
+
+
+async def test_the_check_for_open_children_uses_their_index(db: Path) -> None:
+    """A run that ends looks for unfinished children in the same commit; through
+    `runs_parent` it would read every child it ever had."""
+    store = SQLiteStore(db)
+    await store.open()
+    await store.close()
+    with sqlite3.connect(db) as conn:
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {_MARK_CASCADE}", ("r", 1.0)).fetchall()
+    assert "USING INDEX runs_open_children" in " ".join(row[3] for row in plan), plan
 
 
 async def test_wake_queries_use_the_wake_index(db: Path) -> None:

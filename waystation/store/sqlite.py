@@ -283,7 +283,8 @@ def _settle_results(batch: list[tuple[WriteOp, asyncio.Future[Any]]], results: l
 
 
 # A run ending failed or cancelled while it has unfinished children is recorded, in the
-# transaction that ends it, for its children to be cancelled (`Store.open_cascades`).
+# transaction that ends it, for its children to be cancelled (`Store.open_cascades`). The
+# condition is the `runs_open_children` index's, word for word, so that SQLite uses it.
 _MARK_CASCADE = (
     "INSERT OR REPLACE INTO cascades (run_id, since) SELECT ?1, ?2 WHERE EXISTS "
     "(SELECT 1 FROM runs WHERE parent_run_id = ?1 AND status IN ('pending', 'running', 'paused'))"

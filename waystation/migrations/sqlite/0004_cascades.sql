@@ -8,6 +8,12 @@ CREATE TABLE cascades (
     since   REAL NOT NULL
 ) WITHOUT ROWID;
 
+-- The unfinished children of a run, for the check made in the commit that ends it (a run
+-- with 100,000 finished children cost 11-23 ms of the write lock through `runs_parent`).
+-- Root runs, the most, are not in it; a child is, from its create to its end.
+CREATE INDEX runs_open_children ON runs (parent_run_id)
+WHERE parent_run_id IS NOT NULL AND status IN ('pending', 'running', 'paused');
+
 -- Runs that a crash before this version left that way.
 INSERT INTO cascades (run_id, since)
 SELECT p.run_id, p.updated_at FROM runs p
