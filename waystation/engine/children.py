@@ -26,7 +26,7 @@ from .._ids import new_run_id
 from ..errors import BudgetExceeded, ChildFailed, InvalidRunState
 from ..store import codec
 from ..store.base import Guard, NewRun, NewTransition, RunRecord
-from .context import PauseSignal, StageContext
+from .context import ChildAsleep, PauseSignal, StageContext
 from .models import StageError, decode_pauses
 from .pipeline import Pipeline
 
@@ -35,6 +35,10 @@ if TYPE_CHECKING:
     from .runner import Driver
 
 log = logging.getLogger("waystation")
+
+_PARK_AFTER = 1.0
+"""A parent parks on a sleeping child only if the child sleeps longer than this (seconds
+on the engine's clock); a shorter sleep is polled through, as a running child is."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,14 @@ class ChildRunner:
         kind: str,
         *,
         stage_outputs: bool = False,
+        parkable: bool = False,
     ) -> Any:
         """Launch (or find) the child for this call and wait for it to settle.
 
         Returns its output (or, with `stage_outputs`, {stage name: output}). Raises
-        `ChildFailed`, `BudgetExceeded`, or a `PauseSignal` carrying the child's pause.
+        `ChildFailed`, `BudgetExceeded`, or a `PauseSignal` carrying the child's pause;
+        with `parkable`, a `ChildAsleep` if the child sleeps durably and the stage waits on
+        nothing else.
         """
         engine = self.engine
         p = engine._ensure_registered(pipeline)
@@ -100,7 +107,16 @@ class ChildRunner:
         # this engine's lease (renewed, so never recovered) until the process ends.
         with anyio.CancelScope(shield=True):
             child_id = await self._launch(parent, ctx, p, text, typed, call, kind, chain)
-        return await self._settle(parent, p, child_id, chain, stage_outputs)
+        # The stage's only child operation may park its run while the child sleeps
+        # (`map_children` counts itself once, and takes its children's `ChildAsleep`).
+        solo = kind != "map"
+        if solo:
+            parent.child_waits += 1
+        try:
+            return await self._settle(parent, p, child_id, chain, stage_outputs, parkable)
+        finally:
+            if solo:
+                parent.child_waits -= 1
 
     async def _launch(
         self,
@@ -165,7 +181,13 @@ class ChildRunner:
         return record.run_id
 
     async def _settle(
-        self, parent: Driver, p: Pipeline, child_id: str, chain: str, stage_outputs: bool
+        self,
+        parent: Driver,
+        p: Pipeline,
+        child_id: str,
+        chain: str,
+        stage_outputs: bool,
+        parkable: bool,
     ) -> Any:
         engine = self.engine
         delay = 0.005
@@ -206,6 +228,18 @@ class ChildRunner:
                     )
                 first = pauses[0]
                 raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
+            if (
+                parkable
+                and parent.child_waits == 1
+                and record.status == "pending"
+                and record.wake_at is not None
+                and record.lease_owner is None
+                and record.wake_at > engine.clock.time() + _PARK_AFTER
+                and child_id not in engine._active
+            ):
+                # Asleep (a durable sleep parked it): no sense holding a driver and polling
+                # for hours. The parent parks until then; the child's end wakes it sooner.
+                raise ChildAsleep(record.wake_at, child_id)
             if child_id not in engine._active:
                 # Driven by another engine, or waiting to be recovered: look again soon.
                 await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
