@@ -1156,6 +1156,7 @@ async def map_dozers(ctx: ws.StageContext) -> list[int]:
 @ws.stage
 async def two_at_once(ctx: ws.StageContext) -> list[int]:
     """Waits on a sleeping child and a quick one in a task group of its own."""
+    executed["two_at_once"] += 1
     out: dict[int, int] = {}
 
     async def one(n: int) -> None:
@@ -1167,175 +1168,103 @@ async def two_at_once(ctx: ws.StageContext) -> list[int]:
     return [out[0], out[1]]
 
 
-async def _status(engine: ws.Engine, run_id: str, *statuses: str) -> ws.Run:
-    """The run once its committed status is one of `statuses` (timers act in their task)."""
-
-    async def there() -> bool:
-        return (await engine.get(run_id)).status in statuses
-
-    await wait_until(f"run {run_id} {' or '.join(statuses)}", there, SAFETY)
-    return await engine.get(run_id)
-
-
-def _wake_times(db: Path) -> dict[str, float | None]:
-    with closing(sqlite3.connect(db)) as conn:
-        return dict(conn.execute("SELECT run_id, wake_at FROM runs").fetchall())
+DOZING_PARENTS = {
+    "run_child": (ws.Pipeline("awaits-dozer", [await_dozer]), 0),
+    "map_children": (ws.Pipeline("maps-dozers", [map_dozers]), [0, 10, 20]),
+    "task group": (ws.Pipeline("two-at-once", [two_at_once]), [0, 10]),
+    "parallel branch": (
+        ws.Pipeline("group-dozer", [ws.parallel(await_dozer, extract, name="g")]),
+        {"await_dozer": 0, "extract": "A"},
+    ),
+}
 
 
-async def test_a_parent_parks_while_its_child_sleeps_and_wakes_with_it(db: Path) -> None:
-    """No driver, no polling for the child's whole sleep: the parent is parked until the
-    child's wake-up, then re-enters its stage and gets the child's output (not a new child)."""
-    executed.clear()
-    parent = ws.Pipeline("awaits-dozer", [await_dozer])
-    clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
-        run = await engine.submit(parent, {"n": 0})
-        parked = await _status(engine, run.run_id, "pending")
-        (child,) = await engine.list(parent_run_id=run.run_id)
-        assert (await engine.get(child.run_id)).status == "pending"
-        assert engine.active_runs == [] and parked.stage_name == "await_dozer"
-        wakes = _wake_times(db)
-        assert wakes[run.run_id] == wakes[child.run_id] == 1_000_000.0 + DAY
-        (waiting,) = [t for t in await engine.history(run.run_id) if t.event == "waiting"]
-        assert waiting.payload == {"child": child.run_id, "wake_at": 1_000_000.0 + DAY}
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Reads of each run's row through the store, from now on."""
+    reads: Counter[str] = Counter()
+    get_run = ws.SQLiteStore.get_run
 
-        clock.advance(DAY)
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-        assert done.status == "succeeded" and done.output == 0
-        assert [r.run_id for r in await engine.list(parent_run_id=run.run_id)] == [child.run_id]
-        events = [t.event for t in await engine.history(run.run_id)]
-    assert events.count("waiting") == 1 and "woke" in events
-    # The stage ran again on waking (as after a pause); the child's stage ran once.
-    assert executed == Counter({"await_dozer": 2, "doze:0": 1})
+    async def counted(self: ws.SQLiteStore, run_id: str) -> Any:
+        reads[run_id] += 1
+        return await get_run(self, run_id)
+
+    monkeypatch.setattr(ws.SQLiteStore, "get_run", counted)
+    return reads
 
 
-async def test_a_parked_parent_learns_at_once_that_its_sleeping_child_was_cancelled(
-    db: Path,
+async def _asleep_child(engine: ws.Engine, parent_id: str) -> str:
+    """The id of the parent's child once it sleeps (pending, with a wake-up time)."""
+    found: list[str] = []
+
+    async def asleep() -> bool:
+        kids = await engine.list(parent_run_id=parent_id)
+        found[:] = [k.run_id for k in kids if k.status == "pending"]
+        return bool(found)
+
+    await wait_until("a child asleep", asleep, SAFETY)
+    return found[0]
+
+
+@pytest.mark.parametrize("how", list(DOZING_PARENTS))
+async def test_a_parent_waiting_on_a_sleeping_child_does_not_poll_it(
+    db: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
+    """Before: the parent read the sleeping child's row about twice a second for the whole
+    sleep. Now it waits for the child's wake-up on the engine's clock (or a change made
+    here, or a lease time for changes made elsewhere: an hour here) and goes on then,
+    its stage run once."""
     executed.clear()
-    parent = ws.Pipeline("awaits-dozer", [await_dozer])
+    reads = _count_reads(monkeypatch)
+    parent, output = DOZING_PARENTS[how]
     clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
+    async with ws.Engine.open(db, pipelines=[parent], clock=clock, lease_ttl=3600) as engine:
+        run = await engine.submit(parent, {"n": 0, "doc": "a"})
+        child = await _asleep_child(engine, run.run_id)
+        await anyio.sleep(0.1)  # the parent's first look at the child asleep
+        before = reads[child]
+        await anyio.sleep(0.5)
+        assert reads[child] - before == 0  # before: 4-6 reads in these 0.5 s
+        assert (await engine.get(run.run_id)).status == "running"
+        clock.advance(DAY)
+        done = await engine.wait(run.run_id, timeout=SAFETY)
+    assert done.status == "succeeded" and done.output == output
+    stage = {"map_children": "map_dozers", "task group": "two_at_once"}.get(how, "await_dozer")
+    assert executed[stage] == 1 and executed["doze:0"] == 1
+
+
+async def test_a_parent_learns_at_once_that_its_sleeping_child_was_cancelled(db: Path) -> None:
+    """With an hour between looks, only the cancel's own word can tell the parent."""
+    parent, _ = DOZING_PARENTS["run_child"]
+    clock = ws.ManualClock(start=1_000_000.0)
+    async with ws.Engine.open(db, pipelines=[parent], clock=clock, lease_ttl=3600) as engine:
         run = await engine.submit(parent, {"n": 0})
-        await _status(engine, run.run_id, "pending")
-        (child,) = await engine.list(parent_run_id=run.run_id)
-        await engine.cancel(child.run_id)
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-    assert clock.time() == 1_000_000.0  # no time passed: the child's end woke it
+        await engine.cancel(await _asleep_child(engine, run.run_id))
+        done = await engine.wait(run.run_id, timeout=SAFETY)
     assert done.status == "failed" and done.error is not None
     assert done.error.type == "waystation.errors.ChildFailed"
     assert "cancelled" in done.error.message
 
 
-async def test_a_child_cancelled_while_its_parent_parks_still_wakes_the_parent(
+async def test_a_child_cancelled_just_after_its_parent_read_it_still_tells_the_parent(
     db: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cancel lands after the parent read its child as asleep and before the parent's
-    park commits: the cancel's wake-up of the parent finds it still running, so the parent,
-    once parked, must look at its child again."""
-    from waystation.engine.runner import Driver
+    """The cancel lands between the parent's read of its child (asleep) and the start of
+    its wait: the word must not be lost (with an hour between looks, it would be)."""
+    get_run = ws.SQLiteStore.get_run
+    cancelled: list[str] = []
 
-    park = Driver._park_on_child
+    async def read_then_cancel(self: ws.SQLiteStore, run_id: str) -> Any:
+        record = await get_run(self, run_id)
+        if record is not None and record.status == "pending" and not cancelled:
+            cancelled.append(run_id)  # the parent holds the row read as asleep
+            await engine.cancel(run_id)
+        return record
 
-    async def cancel_first(self: Driver, slot: Any, sig: Any) -> None:
-        await self.children.engine.cancel(sig.child_run_id)
-        await park(self, slot, sig)
-
-    monkeypatch.setattr(Driver, "_park_on_child", cancel_first)
-    parent = ws.Pipeline("awaits-dozer", [await_dozer])
+    parent, _ = DOZING_PARENTS["run_child"]
     clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
+    monkeypatch.setattr(ws.SQLiteStore, "get_run", read_then_cancel)
+    async with ws.Engine.open(db, pipelines=[parent], clock=clock, lease_ttl=3600) as engine:
         run = await engine.submit(parent, {"n": 0})
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-    assert clock.time() == 1_000_000.0
-    assert done.status == "failed" and done.error is not None
+        done = await engine.wait(run.run_id, timeout=SAFETY)
+    assert cancelled and done.status == "failed" and done.error is not None
     assert done.error.type == "waystation.errors.ChildFailed"
-
-
-async def test_a_parked_parent_and_its_sleeping_child_survive_a_restart(db: Path) -> None:
-    executed.clear()
-    parent = ws.Pipeline("awaits-dozer", [await_dozer])
-    clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
-        run = await engine.submit(parent, {"n": 0})
-        await _status(engine, run.run_id, "pending")
-    later = ws.ManualClock(start=1_000_000.0 + DAY)  # a new process, when both are due
-    async with ws.Engine.open(db, pipelines=[parent], clock=later) as engine:
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-    assert done.status == "succeeded" and done.output == 0
-    assert executed == Counter({"await_dozer": 2, "doze:0": 1})
-
-
-async def test_map_children_parks_once_its_other_children_are_done(db: Path) -> None:
-    executed.clear()
-    parent = ws.Pipeline("maps-dozers", [map_dozers])
-    clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
-        run = await engine.submit(parent, {})
-        await _status(engine, run.run_id, "pending")
-        kids = {r.run_id: r.status for r in await engine.list(parent_run_id=run.run_id)}
-        assert sorted(kids.values()) == ["pending", "succeeded", "succeeded"]
-        assert engine.active_runs == []
-        clock.advance(DAY)
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-        assert done.status == "succeeded" and done.output == [0, 10, 20]
-        assert len(await engine.list(parent_run_id=run.run_id)) == 3
-    assert executed == Counter({"map_dozers": 2, "doze:0": 1, "doze:1": 1, "doze:2": 1})
-
-
-middle_dozer = ws.Pipeline("middle-dozer", [await_dozer])
-
-
-@ws.stage
-async def await_middle(n: int, ctx: ws.StageContext) -> int:
-    executed["await_middle"] += 1
-    return int(await ctx.run_child(middle_dozer, {"n": n}))
-
-
-async def test_a_whole_tree_parks_on_its_sleeping_grandchild(db: Path) -> None:
-    executed.clear()
-    top = ws.Pipeline("top-dozer", [await_middle])
-    clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[top], clock=clock) as engine:
-        run = await engine.submit(top, {"n": 0})
-        await _status(engine, run.run_id, "pending")
-        tree = await engine.tree(run.run_id)
-        statuses = [tree.run.status, tree.children[0].run.status]
-        statuses.append(tree.children[0].children[0].run.status)
-        assert statuses == ["pending", "pending", "pending"] and engine.active_runs == []
-        clock.advance(DAY)
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-    assert done.status == "succeeded" and done.output == 0
-    assert executed == Counter({"await_middle": 2, "await_dozer": 2, "doze:0": 1})
-
-
-@pytest.mark.parametrize("shape", ["own task group", "parallel branch"])
-async def test_a_stage_waiting_on_more_than_its_sleeping_child_does_not_park(
-    db: Path, shape: str
-) -> None:
-    """Unwinding such a stage would stop what else it waits on (a sibling child, a sibling
-    branch): it waits through the sleep instead, as before."""
-    executed.clear()
-    if shape == "own task group":
-        parent = ws.Pipeline("two-at-once", [two_at_once])
-    else:
-        parent = ws.Pipeline("group-dozer", [ws.parallel(await_dozer, extract, name="g")])
-    clock = ws.ManualClock(start=1_000_000.0)
-    async with ws.Engine.open(db, pipelines=[parent], clock=clock) as engine:
-        run = await engine.submit(parent, {"n": 0, "doc": "a"})
-
-        async def child_asleep() -> bool:
-            return any(r.status == "pending" for r in await engine.list(parent_run_id=run.run_id))
-
-        await wait_until("the child asleep", child_asleep, SAFETY)
-        await anyio.sleep(0.2)  # time to park, if it were to
-        assert (await engine.get(run.run_id)).status == "running"
-        clock.advance(DAY)
-        done = await _status(engine, run.run_id, "succeeded", "failed", "cancelled")
-        kids = await engine.list(parent_run_id=run.run_id)
-    assert done.status == "succeeded"
-    assert all(k.status == "succeeded" for k in kids)
-    if shape == "own task group":
-        assert done.output == [0, 10] and len(kids) == 2
-    else:
-        assert done.output == {"await_dozer": 0, "extract": "A"} and len(kids) == 1

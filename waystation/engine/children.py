@@ -26,7 +26,7 @@ from .._ids import new_run_id
 from ..errors import BudgetExceeded, ChildFailed, InvalidRunState
 from ..store import codec
 from ..store.base import Guard, NewRun, NewTransition, RunRecord
-from .context import ChildAsleep, PauseSignal, StageContext
+from .context import PauseSignal, StageContext
 from .models import StageError, decode_pauses
 from .pipeline import Pipeline
 
@@ -36,9 +36,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("waystation")
 
-_PARK_AFTER = 1.0
-"""A parent parks on a sleeping child only if the child sleeps longer than this (seconds
-on the engine's clock); a shorter sleep is polled through, as a running child is."""
+_WAITING: Any = object()
+"""`_outcome`: the child has not settled yet."""
+_AGAIN: Any = object()
+"""`_outcome`: the child was just woken; look again at once."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class ChildRunner:
         """Stage executions per root, counted here for trees that have children."""
         self.workspaces: set[str] = set()
         """Roots whose runs made a workspace in this process (the others need no cleanup)."""
+        self._changed: dict[str, anyio.Event] = {}
+        """Per child waited on here: set when it ends, is cancelled or wakes (`changed`)."""
 
     # -- launching ---------------------------------------------------------------------------
 
@@ -76,14 +79,11 @@ class ChildRunner:
         kind: str,
         *,
         stage_outputs: bool = False,
-        parkable: bool = False,
     ) -> Any:
         """Launch (or find) the child for this call and wait for it to settle.
 
         Returns its output (or, with `stage_outputs`, {stage name: output}). Raises
-        `ChildFailed`, `BudgetExceeded`, or a `PauseSignal` carrying the child's pause;
-        with `parkable`, a `ChildAsleep` if the child sleeps durably and the stage waits on
-        nothing else.
+        `ChildFailed`, `BudgetExceeded`, or a `PauseSignal` carrying the child's pause.
         """
         engine = self.engine
         p = engine._ensure_registered(pipeline)
@@ -107,16 +107,7 @@ class ChildRunner:
         # this engine's lease (renewed, so never recovered) until the process ends.
         with anyio.CancelScope(shield=True):
             child_id = await self._launch(parent, ctx, p, text, typed, call, kind, chain)
-        # The stage's only child operation may park its run while the child sleeps
-        # (`map_children` counts itself once, and takes its children's `ChildAsleep`).
-        solo = kind != "map"
-        if solo:
-            parent.child_waits += 1
-        try:
-            return await self._settle(parent, p, child_id, chain, stage_outputs, parkable)
-        finally:
-            if solo:
-                parent.child_waits -= 1
+        return await self._settle(parent, p, child_id, chain, stage_outputs)
 
     async def _launch(
         self,
@@ -181,69 +172,103 @@ class ChildRunner:
         return record.run_id
 
     async def _settle(
-        self,
-        parent: Driver,
-        p: Pipeline,
-        child_id: str,
-        chain: str,
-        stage_outputs: bool,
-        parkable: bool,
+        self, parent: Driver, p: Pipeline, child_id: str, chain: str, stage_outputs: bool
     ) -> Any:
         engine = self.engine
         delay = 0.005
-        while True:
-            driver = engine._active.get(child_id)
-            if driver is not None:
-                await self._wait(parent, child_id, driver.done.wait)
-            record = await engine.store.get_run(child_id)
-            assert record is not None
-            if record.status == "succeeded":
-                if stage_outputs:
-                    return await self.stage_outputs(p, child_id)
-                return codec.decode(record.output, p.stages[-1].returns) if record.output else None
-            if record.status == "failed":
-                raise ChildFailed(_failure_chain(p, record, chain))
-            if record.status == "cancelled":
-                raise ChildFailed(f"{chain}: child run {child_id} was cancelled")
-            if record.status == "paused" and record.pause is not None:
-                if await engine.wake_if_stale(child_id):
-                    continue  # it was paused on a pause below it that is gone: wait for it
-                if child_id in engine._unloadable:
-                    # Stale, and it cannot be continued here: showing its pause again would
-                    # only wake this run again, and again.
-                    raise ChildFailed(
-                        f"{chain}: child run {child_id} cannot go on: its stored values no "
-                        "longer load under its pipeline (see the log)"
-                    )
-                # The parent shows the child's open pauses, each still pointing at the run
-                # that waits (pause.run_id) and named uniquely within the parent.
-                pauses = []
-                for pause in decode_pauses(record.pause):
-                    waiting = pause.run_id or child_id
-                    origin = pause.origin_id or pause.pause_id
-                    pauses.append(
-                        msgspec.structs.replace(
-                            pause, run_id=waiting, origin_id=origin, pause_id=f"{waiting}/{origin}"
-                        )
-                    )
-                first = pauses[0]
-                raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
-            if (
-                parkable
-                and parent.child_waits == 1
-                and record.status == "pending"
-                and record.wake_at is not None
-                and record.lease_owner is None
-                and record.wake_at > engine.clock.time() + _PARK_AFTER
-                and child_id not in engine._active
-            ):
-                # Asleep (a durable sleep parked it): no sense holding a driver and polling
-                # for hours. The parent parks until then; the child's end wakes it sooner.
-                raise ChildAsleep(record.wake_at, child_id)
-            if child_id not in engine._active:
+        try:
+            while True:
+                # Before reading the child: a change notified after the read is not lost.
+                changed = self._changed.setdefault(child_id, anyio.Event())
+                driver = engine._active.get(child_id)
+                if driver is not None:
+                    await self._wait(parent, child_id, driver.done.wait)
+                record = await engine.store.get_run(child_id)
+                assert record is not None
+                result = await self._outcome(p, record, chain, stage_outputs)
+                if result is _AGAIN or child_id in engine._active:
+                    continue
+                if result is not _WAITING:
+                    return result
+                if (
+                    record.status == "pending"
+                    and record.wake_at is not None
+                    and record.wake_at > engine.clock.time()
+                ):
+                    # Asleep (a durable sleep parked it): nothing happens to it before its
+                    # wake-up, but for an end or a cancel (notified, if made here; seen at
+                    # the next look, within a lease time, if made by another process).
+                    asleep = functools.partial(self._asleep, changed, record.wake_at)
+                    await self._wait(parent, child_id, asleep)
+                    delay = 0.005
+                    continue
                 # Driven by another engine, or waiting to be recovered: look again soon.
                 await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
                 delay = min(delay * 2, 0.5)
+        finally:
+            self._changed.pop(child_id, None)
+
+    async def _asleep(self, changed: anyio.Event, wake_at: float) -> None:
+        """Until the sleeping child's wake-up (on the engine's clock), a change to it made
+        here, or a lease time (real time) for changes made by other processes."""
+        engine = self.engine
+        with anyio.move_on_after(engine.lease_ttl):
+            async with anyio.create_task_group() as tg:
+
+                async def due() -> None:
+                    await engine.clock.sleep_until(wake_at)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(due)
+                await changed.wait()
+                tg.cancel_scope.cancel()
+
+    def changed(self, run_id: str) -> None:
+        """A child run ended, was cancelled or woke here: its parent, if it waits on the
+        child's sleep, looks again now."""
+        event = self._changed.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    async def _outcome(
+        self, p: Pipeline, record: RunRecord, chain: str, stage_outputs: bool
+    ) -> Any:
+        """What the parent's wait gives for the child's row as read: its output, a raise
+        (failed, cancelled, paused), `_AGAIN` (look again now) or `_WAITING`."""
+        engine = self.engine
+        child_id = record.run_id
+        if record.status == "succeeded":
+            if stage_outputs:
+                return await self.stage_outputs(p, child_id)
+            return codec.decode(record.output, p.stages[-1].returns) if record.output else None
+        if record.status == "failed":
+            raise ChildFailed(_failure_chain(p, record, chain))
+        if record.status == "cancelled":
+            raise ChildFailed(f"{chain}: child run {child_id} was cancelled")
+        if record.status == "paused" and record.pause is not None:
+            if await engine.wake_if_stale(child_id):
+                return _AGAIN  # it was paused on a pause below it that is gone: wait for it
+            if child_id in engine._unloadable:
+                # Stale, and it cannot be continued here: showing its pause again would
+                # only wake this run again, and again.
+                raise ChildFailed(
+                    f"{chain}: child run {child_id} cannot go on: its stored values no "
+                    "longer load under its pipeline (see the log)"
+                )
+            # The parent shows the child's open pauses, each still pointing at the run
+            # that waits (pause.run_id) and named uniquely within the parent.
+            pauses = []
+            for pause in decode_pauses(record.pause):
+                waiting = pause.run_id or child_id
+                origin = pause.origin_id or pause.pause_id
+                pauses.append(
+                    msgspec.structs.replace(
+                        pause, run_id=waiting, origin_id=origin, pause_id=f"{waiting}/{origin}"
+                    )
+                )
+            first = pauses[0]
+            raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=pauses)
+        return _WAITING
 
     async def _wait(
         self, parent: Driver, child_id: str, wait: Callable[[], Awaitable[Any]]

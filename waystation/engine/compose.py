@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from ..errors import ChildFailed, PipelineDefinitionError
-from .context import ChildAsleep, PauseSignal
 from .stage import EMPTY, Param, Retry, Stage, resolve_hints, signature_params
 
 if TYPE_CHECKING:
@@ -203,35 +202,27 @@ async def map_children(
     results: list[Any] = [None] * len(items)
     errors: list[tuple[int, BaseException]] = []
     paused: list[Pause] = []
-    asleep: list[ChildAsleep] = []
     limit = anyio.Semaphore(max_concurrency or max(1, len(items)))
 
     async def one(k: int, item: Any) -> None:
         async with limit:
             try:
-                results[k] = await ctx._run_child_call(
-                    pipeline, item, calls[k], kind="map", parkable=parkable
-                )
+                results[k] = await ctx._run_child_call(pipeline, item, calls[k], kind="map")
             except Exception as exc:  # ChildFailed, BudgetExceeded, InvalidInput, ...
                 errors.append((k, exc))
                 if on_error == "fail_fast":
                     tg.cancel_scope.cancel()
-            except PauseSignal as exc:
-                paused.extend(exc.pauses or [])
-            except ChildAsleep as exc:  # the others go on; the stage parks once they are done
-                asleep.append(exc)
+            except BaseException as exc:
+                from .context import PauseSignal
 
-    # One child operation for the whole map: its children may report that they sleep
-    # (`ChildAsleep`, caught above) unless the stage also waits on something else.
-    driver = ctx._require_driver()
-    parkable = ctx._parkable()
-    driver.child_waits += 1
-    try:
-        async with anyio.create_task_group() as tg:
-            for k, item in enumerate(items):
-                tg.start_soon(one, k, item)
-    finally:
-        driver.child_waits -= 1
+                if isinstance(exc, PauseSignal):
+                    paused.extend(exc.pauses or [])
+                    return
+                raise
+
+    async with anyio.create_task_group() as tg:
+        for k, item in enumerate(items):
+            tg.start_soon(one, k, item)
     if errors:
         errors.sort(key=lambda e: e[0])
         # The stage fails: children still open (running after a fail-fast, paused at a
@@ -242,11 +233,11 @@ async def map_children(
         detail = "; ".join(f"[{k}] {e}" for k, e in errors)
         raise ChildFailed(f"{len(errors)} of {len(items)} children failed: {detail}")
     if paused:
+        from .context import PauseSignal
+
         paused.sort(key=lambda p: p.pause_id)
         first = paused[0]
         raise PauseSignal(first.kind, Any, first.reason, first.number, pauses=paused)
-    if asleep:
-        raise min(asleep, key=lambda a: a.wake_at)
     return results
 
 
@@ -287,14 +278,7 @@ async def run_composite(stage: Stage, kwargs: dict[str, Any], ctx: StageContext)
     if spec.outputs is None:
         return await ctx._run_child_call(pipeline, child_input, ctx._next_call(), "child")
     outputs = await driver.children.run(
-        driver,
-        ctx,
-        pipeline,
-        child_input,
-        ctx._next_call(),
-        "child",
-        stage_outputs=True,
-        parkable=ctx._parkable(),
+        driver, ctx, pipeline, child_input, ctx._next_call(), "child", stage_outputs=True
     )
     return {name: _follow(stage, "output", path, outputs) for name, path in spec.outputs.items()}
 

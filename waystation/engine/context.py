@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -46,18 +45,6 @@ class SleepSignal(BaseException):
         super().__init__(wake_at)
         self.wake_at = wake_at
         self.number = number
-
-
-class ChildAsleep(BaseException):
-    """Unwinds a stage whose child run sleeps durably (`pending` until `wake_at`): the parent
-    parks too, instead of holding a driver and polling the child for the whole sleep. It
-    wakes at the child's wake-up time at the latest (earlier if the child ends first), then
-    re-enters the stage, which finds its children by key."""
-
-    def __init__(self, wake_at: float, child_run_id: str) -> None:
-        super().__init__(wake_at)
-        self.wake_at = wake_at
-        self.child_run_id = child_run_id
 
 
 class StageContext:
@@ -191,29 +178,9 @@ class StageContext:
         self._calls += 1
         return call
 
-    async def _run_child_call(
-        self,
-        pipeline: Pipeline,
-        input: Any,
-        call: int,
-        kind: str,
-        *,
-        parkable: bool | None = None,
-    ) -> Any:
+    async def _run_child_call(self, pipeline: Pipeline, input: Any, call: int, kind: str) -> Any:
         driver = self._require_driver()
-        if parkable is None:
-            parkable = self._parkable()
-        return await driver.children.run(
-            driver, self, pipeline, input, call, kind, parkable=parkable
-        )
-
-    def _parkable(self) -> bool:
-        """Whether a sleeping child may park this stage's run (`ChildAsleep`): only when
-        the stage awaits it in its run's own task, not from a parallel branch (whose
-        siblings would be stopped) nor from a task of the stage's (whose exception group
-        the driver would not see)."""
-        driver = self._require_driver()
-        return self.stage_path == self.stage_name and asyncio.current_task() is driver.task
+        return await driver.children.run(driver, self, pipeline, input, call, kind)
 
     async def _cancel_calls(self, calls: list[int]) -> None:
         driver = self._require_driver()

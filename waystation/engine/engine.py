@@ -580,6 +580,8 @@ class Engine:
         if self._closing:
             driver.stopping = True  # a child launched while closing: left for recovery
         self._active[driver.run_id] = driver
+        if driver.state.depth:  # a child woken here: a parent waiting on its sleep looks now
+            self.children.changed(driver.run_id)
         task = asyncio.get_running_loop().create_task(
             self._drive(driver), name=f"waystation-run-{driver.run_id}"
         )
@@ -777,6 +779,7 @@ class Engine:
         re-enters the stage that launched its child, finds it by key, and waits for it
         again (or shows the pauses still open). Nearest first, every level: a run paused
         on a child's pause shows the deepest run's pause."""
+        self.children.changed(run.run_id)
         parent_id = run.parent_run_id
         seen = 0
         while parent_id is not None and seen < 64 and not self._closing:
@@ -786,31 +789,7 @@ class Engine:
                 parent = await self.store.get_run(parent_id)
             except WaystationError:
                 return
-            if parent is not None:
-                await self._wake_parked(parent)
             parent_id = parent.parent_run_id if parent is not None else None
-
-    async def _wake_parked(self, run: RunRecord) -> None:
-        """Bring forward the wake-up of a run parked on a sleeping child (`ChildAsleep`),
-        now that something below it changed: it re-enters its stage and looks again. (A run
-        asleep on its own sleep, woken so, finds its wake-up time committed and parks again.)"""
-        now = self.clock.time()
-        if (
-            run.status != "pending"
-            or run.wake_at is None
-            or run.wake_at <= now
-            or run.lease_owner is not None
-        ):
-            return
-        try:
-            seq = await self.store.update_run(
-                run.run_id, Guard(("pending",), seq=run.seq), [], {"wake_at": now}
-            )
-        except WaystationError as exc:  # it wakes at its own time anyway
-            log.warning("run %s: wake-up not brought forward: %s", run.run_id, exc)
-            return
-        if seq is not None:
-            self.timers.changed()
 
     async def wake_if_stale(self, run_id: str | None) -> bool:
         """Continue `run_id` if it is paused on a pause of a run below it that is no longer

@@ -30,7 +30,7 @@ from ..errors import ParallelFailed, StageOutputError, StageTimeout, WaystationE
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
 from .compose import run_composite
-from .context import ChildAsleep, PauseSignal, SleepSignal, StageContext
+from .context import PauseSignal, SleepSignal, StageContext
 from .models import Failed, Pause, StageError
 from .pipeline import Binding, Pipeline, Slot
 from .stage import Stage
@@ -342,10 +342,6 @@ class Driver:
         self.final: RunRecord | None = None
         """The run's row as committed when it settled here (what `engine.wait` returns)."""
         self._waits = 0
-        self.child_waits = 0
-        """Child operations in flight in the current stage (a `run_child`, a whole
-        `map_children`): the stage may park on a sleeping child only when it waits on nothing
-        else, since unwinding it would stop the others."""
         self.guard = Guard(("running",), owner=owner, not_cancel_requested=True)
         self.scope = anyio.CancelScope()
         self.cancel_requested = False
@@ -488,9 +484,6 @@ class Driver:
                 return
             except SleepSignal as sig:
                 await self._park(slots[i], sig.wake_at, sig.number)
-                return
-            except ChildAsleep as sig:
-                await self._park_on_child(slots[i], sig)
                 return
             except _Lost:
                 raise
@@ -1038,42 +1031,6 @@ class Driver:
         self.outcome = "sleeping"
         self.children.engine.timers.changed()
         log.info("run %s sleeps at %s until %s", self.run_id, slot.path, wake_at)
-
-    async def _park_on_child(self, slot: Slot, sig: ChildAsleep) -> None:
-        """Leave the run pending until its sleeping child wakes (or ends first: the engine
-        then brings the wake-up forward). Journaled `waiting`, which a reload ignores: the
-        stage runs again on waking and finds its children by key."""
-        payload = codec.encode({"child": sig.child_run_id, "wake_at": sig.wake_at}).decode()
-        await self._commit(
-            [
-                NewTransition(
-                    "waiting", slot.index, slot.path, self._attempt_of(slot.key), payload=payload
-                )
-            ],
-            {
-                "status": "pending",
-                "wake_at": sig.wake_at,
-                "lease_owner": None,
-                "lease_expires": None,
-            },
-        )
-        self.outcome = "sleeping"
-        engine = self.children.engine
-        engine.timers.changed()
-        log.info(
-            "run %s waits at %s for child %s, asleep until %s",
-            self.run_id,
-            slot.path,
-            sig.child_run_id,
-            sig.wake_at,
-        )
-        # The child may have ended (or been woken) after we read it and before this park
-        # committed: its wake-up of this run, looking for a parked run, found it running.
-        child = await self.store.get_run(sig.child_run_id)
-        if child is None or child.status != "pending" or child.wake_at != sig.wake_at:
-            record = await self.store.get_run(self.run_id)
-            if record is not None:
-                await engine._wake_parked(record)
 
     async def _cancelled(self, seq: int | None, i: int) -> None:
         """Settle the run as cancelled at stage `i`, where commit `seq` left it.
