@@ -44,6 +44,11 @@ log = logging.getLogger("waystation")
 
 _SCALARS = (int, str, bool, type(None))
 
+_transition: Callable[[tuple[Any, ...]], NewTransition] = functools.partial(
+    tuple.__new__, NewTransition
+)
+"""A `NewTransition` from a tuple of all six fields, built in C."""
+
 
 class _Lost(BaseException):
     """The run's row no longer matches our guard: stop driving, write nothing more."""
@@ -817,12 +822,15 @@ class Driver:
             done = event
         else:
             attempt = self.state.attempts.get(i, 0) + 1  # `_attempt_of`, inline: per stage
-            done = NewTransition(event, i, stages[i].name, attempt, payload)
+            # Built as the tuple it is: NamedTuple's own `__new__` is a Python function.
+            done = _transition((event, i, stages[i].name, attempt, payload, None))
         if i + 1 < len(stages):
             rows = [done, self.pipeline.started[i + 1]]
             seq = None
             if self.seq is not None:
-                seq = await self.store.step_run(self.run_id, self.owner, self.seq, i + 1, rows)
+                seq = await self.store.step_run(
+                    self.state.run_id, self.owner, self.seq, i + 1, rows
+                )
             if seq is None:  # position unknown (or not as expected): the plain guard decides
                 await self._commit(rows, {"stage_index": i + 1})
             else:

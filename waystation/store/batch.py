@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from itertools import chain
 from typing import Any, ClassVar
 
+import msgspec
+
 from .base import NewRun, NewTransition, TransitionRecord
 
 _RUN_COLUMNS = (
@@ -317,11 +319,20 @@ _GUARD_MANY = (
 )
 
 
-class Step:
+class Step(msgspec.Struct, gc=False):
     """A running run's move to its next stage, guarded by its owner and its journal
-    position (and no cancel asked). Result: the new seq, or None if the guard failed."""
+    position (and no cancel asked). Result: the new seq, or None if the guard failed.
 
-    __slots__ = ("owner", "run_id", "seq", "stage_index", "transitions")
+    A msgspec Struct without GC tracking: one is made per stage commit, and a Struct is
+    built in C (no Python `__init__` frame) and never walked by the garbage collector (it
+    holds strings, numbers and a list of tuples, so it cannot be part of a cycle).
+    """
+
+    run_id: str
+    owner: str
+    seq: int
+    stage_index: int
+    transitions: Sequence[NewTransition]
 
     # `_one` numbers its parameters as `_many` orders its VALUES columns (after the commit
     # time): one `_params` serves both.
@@ -332,20 +343,6 @@ class Step:
         "UPDATE runs SET updated_at = ?, seq = v.column2, stage_index = v.column3 " + _GUARD_MANY,
         5,
     )
-
-    def __init__(
-        self,
-        run_id: str,
-        owner: str,
-        seq: int,
-        stage_index: int,
-        transitions: Sequence[NewTransition],
-    ) -> None:
-        self.run_id = run_id
-        self.owner = owner
-        self.seq = seq
-        self.stage_index = stage_index
-        self.transitions = transitions
 
     def _params(self) -> tuple[Any, ...]:
         return (
@@ -377,11 +374,11 @@ class Step:
         return [op._result(now) for op in ops]
 
 
-class Finish(Step):
+class Finish(Step, gc=False):
     """A running run's last stage done: the run succeeds with `output`, its lease let go.
     Guarded as a `Step`. Result: (the new seq, the commit time), or None."""
 
-    __slots__ = ("output",)
+    output: str | None
 
     _one: ClassVar[str] = (
         "UPDATE runs SET updated_at = ?1, seq = ?3, stage_index = ?4, status = 'succeeded', "
@@ -393,18 +390,6 @@ class Finish(Step):
         + _GUARD_MANY,
         6,
     )
-
-    def __init__(
-        self,
-        run_id: str,
-        owner: str,
-        seq: int,
-        stage_index: int,
-        transitions: Sequence[NewTransition],
-        output: str | None,
-    ) -> None:
-        super().__init__(run_id, owner, seq, stage_index, transitions)
-        self.output = output
 
     def _params(self) -> tuple[Any, ...]:
         return (*super()._params(), self.output)
