@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("waystation")
 
 _SCALARS = (int, str, bool, type(None))
+_PLAIN = frozenset((int, str, bool))
 
 _transition: Callable[[tuple[Any, ...]], NewTransition] = functools.partial(
     tuple.__new__, NewTransition
@@ -262,6 +263,14 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     JSON gives, so a stage sees the same thing whether or not the process restarted since.
     """
     expected = stage.returns
+    if type(out) is expected and expected in _PLAIN:
+        # An int, str or bool annotated as exactly that (the common case, asked at every
+        # stage's end): it is what it says and it decodes to itself. Only its encoding can
+        # fail (an int past 64 bits), and then the checks below say how.
+        try:
+            return out, codec.encode(out).decode()
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            pass
     try:
         is_class = _is_class(expected)
     except TypeError:  # an unhashable annotation
