@@ -1268,3 +1268,72 @@ async def test_a_child_cancelled_just_after_its_parent_read_it_still_tells_the_p
         done = await engine.wait(run.run_id, timeout=SAFETY)
     assert cancelled and done.status == "failed" and done.error is not None
     assert done.error.type == "waystation.errors.ChildFailed"
+
+
+# -- children of parallel branches -------------------------------------------------------------
+
+
+@ws.stage
+async def echo(tag: str) -> str:
+    await anyio.sleep(0.05)  # both branches' launches in flight at once
+    return tag
+
+
+echoing = ws.Pipeline("echoing", [echo])
+
+
+@ws.stage
+async def left(ctx: ws.StageContext) -> str:
+    return str(await ctx.run_child(echoing, {"tag": "L"}))
+
+
+@ws.stage
+async def right(ctx: ws.StageContext) -> str:
+    return str(await ctx.run_child(echoing, {"tag": "R"}))
+
+
+async def test_two_branches_each_get_their_own_child(db: Path) -> None:
+    """Before: both branches' first calls had one key (the group's stage index, call 0),
+    so the right branch got the left one's child and returned "L"."""
+    parent = ws.Pipeline("two-branches", [ws.parallel(left, right, name="g")])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        run = await engine.start(parent)
+        kids = await engine.list(parent_run_id=run.run_id)
+    assert run.status == "succeeded" and run.output == {"left": "L", "right": "R"}
+    assert sorted(k.input["tag"] for k in kids) == ["L", "R"]
+
+
+asks_child = ws.Pipeline("asks-child", [ws.gate("child_ok", schema=bool)])
+
+
+@ws.stage
+async def asks(ctx: ws.StageContext) -> bool:
+    return bool(await ctx.run_child(asks_child, {}))
+
+
+async def test_a_branch_child_keyed_the_old_way_is_found_again(db: Path) -> None:
+    """A run paused in a group before branch keys named the branch: its branch, entered
+    again once the child's pause is answered, finds its child under the old key rather
+    than launching (and pausing) a new one. The other branch's call 0 is not given it."""
+    parent = ws.Pipeline("old-branch-key", [ws.parallel(asks, right, name="g")])
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        run = await engine.start(parent)
+        assert run.status == "paused"
+        kids = await engine.list(parent_run_id=run.run_id)
+    (child,) = [k for k in kids if k.pipeline == "asks-child"]
+    with closing(sqlite3.connect(db)) as conn, conn:
+        (key,) = conn.execute(
+            "SELECT idempotency_key FROM runs WHERE run_id = ?", (child.run_id,)
+        ).fetchone()
+        assert key.endswith("@g.asks")
+        conn.execute(  # as an engine before this change keyed it
+            "UPDATE runs SET idempotency_key = ? WHERE run_id = ?",
+            (key.removesuffix("@g.asks"), child.run_id),
+        )
+    async with ws.Engine.open(db, pipelines=[parent]) as engine:
+        (pause,) = (await engine.get(run.run_id)).pauses
+        await engine.resume(run.run_id, True, pause_id=pause.pause_id, wait=False)
+        done = await engine.wait(run.run_id, timeout=SAFETY)
+        kids = await engine.list(parent_run_id=run.run_id)
+    assert done.status == "succeeded" and done.output == {"asks": True, "right": "R"}
+    assert sorted(k.pipeline for k in kids) == ["asks-child", "echoing"]

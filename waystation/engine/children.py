@@ -127,6 +127,10 @@ class ChildRunner:
         state = parent.state
         i = ctx.stage_index
         key = _child_key(parent, ctx, call)
+        if _in_branch(ctx):
+            before = await self._legacy_branch_child(parent, ctx, call)
+            if before is not None:
+                return before.run_id
         created, record = await engine.store.create_run(
             NewRun(
                 run_id=child_id,
@@ -176,6 +180,7 @@ class ChildRunner:
     ) -> Any:
         engine = self.engine
         delay = 0.005
+        changed: anyio.Event | None = None
         try:
             while True:
                 # Before reading the child: a change notified after the read is not lost.
@@ -186,10 +191,12 @@ class ChildRunner:
                 record = await engine.store.get_run(child_id)
                 assert record is not None
                 result = await self._outcome(p, record, chain, stage_outputs)
-                if result is _AGAIN or child_id in engine._active:
+                if result is _AGAIN:
                     continue
                 if result is not _WAITING:
                     return result
+                if child_id in engine._active:
+                    continue
                 if (
                     record.status == "pending"
                     and record.wake_at is not None
@@ -206,7 +213,8 @@ class ChildRunner:
                 await self._wait(parent, child_id, functools.partial(anyio.sleep, delay))
                 delay = min(delay * 2, 0.5)
         finally:
-            self._changed.pop(child_id, None)
+            if changed is not None and self._changed.get(child_id) is changed:
+                del self._changed[child_id]
 
     async def _asleep(self, changed: anyio.Event, wake_at: float) -> None:
         """Until the sleeping child's wake-up (on the engine's clock), a change to it made
@@ -296,6 +304,25 @@ class ChildRunner:
             # of a cancel, or recovered with its parent.
             log.warning("child run %s not stopped: %s", child_id, exc)
 
+    async def _legacy_branch_child(
+        self, parent: Driver, ctx: StageContext, call: int
+    ) -> RunRecord | None:
+        """A child this branch call launched before branch keys named the branch: found
+        under the old key if its `created` row says this branch launched it (another branch
+        of the group may hold that key). Lets a run started before the change, re-entering
+        its branch now, find its child instead of launching it again."""
+        store = self.engine.store
+        old = await store.get_run_by_key(_legacy_key(parent, ctx, call))
+        if old is None or old.parent_run_id != parent.run_id:
+            return None
+        rows = await store.history(old.run_id, after_seq=0)
+        origin = codec.decode_any(rows[0].payload) if rows and rows[0].payload else None
+        chain = origin.get("chain") if isinstance(origin, dict) else None
+        ours = f"{parent.state.chain} > {ctx.stage_name} > "
+        if isinstance(chain, str) and chain.startswith(ours) and chain.endswith(f"[{call}]"):
+            return old
+        return None
+
     async def stage_outputs(self, p: Pipeline, run_id: str) -> dict[str, Any]:
         """The outputs of a finished run's stages, by stage name."""
         out: dict[str, Any] = {}
@@ -314,6 +341,8 @@ class ChildRunner:
         open_ids = []
         for call in calls:
             record = await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))
+            if record is None and _in_branch(ctx):
+                record = await self._legacy_branch_child(parent, ctx, call)
             if record is not None and record.status not in ("succeeded", "failed", "cancelled"):
                 open_ids.append(record.run_id)
         if open_ids:
@@ -414,10 +443,24 @@ def _child_prefix(parent_run_id: str, stage_index: int) -> str:
 
 def _child_key(parent: Driver, ctx: StageContext, call: int) -> str:
     """The idempotency key of a child: (parent run, stage, retry generation, attempt, call
-    order), so a stage that runs again finds the children it launched before."""
+    order, and the branch's path in a parallel group), so a stage that runs again finds
+    the children it launched before. Branches of one group share its stage index and each
+    counts its calls from 0: without the path, two branches' first calls shared one key, so
+    the second branch got the first one's child (and its output)."""
+    key = _legacy_key(parent, ctx, call)
+    return f"{key}@{ctx.stage_path}" if _in_branch(ctx) else key
+
+
+def _legacy_key(parent: Driver, ctx: StageContext, call: int) -> str:
+    """`_child_key` without the branch's path: every child's key before that was added."""
     i = ctx.stage_index
     generation = parent.state.generations.get(i, 0)
     return f"{_child_prefix(parent.run_id, i)}{generation}.{ctx.attempt}/{call}"
+
+
+def _in_branch(ctx: StageContext) -> bool:
+    """Whether the stage is a branch of a parallel group (its path is `group.branch`)."""
+    return ctx.stage_path != ctx.stage_name
 
 
 def _failure_chain(p: Pipeline, record: RunRecord, chain: str) -> str:
