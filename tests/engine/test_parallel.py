@@ -235,6 +235,34 @@ async def test_retries_are_per_branch(db: Path) -> None:
     ]
 
 
+keys: dict[str, list[str]] = {}
+
+
+@ws.stage(retry=ws.Retry(attempts=2))
+async def pays(ctx: ws.StageContext) -> str:
+    keys.setdefault("pays", []).append(ctx.idempotency_key)
+    if len(keys["pays"]) == 1:
+        raise ConnectionError("the bank timed out")
+    return ctx.idempotency_key
+
+
+@ws.stage
+async def refunds(ctx: ws.StageContext) -> str:
+    return ctx.idempotency_key
+
+
+async def test_each_branch_has_its_own_idempotency_key(db: Path) -> None:
+    """Before: every branch of a group had the group's `<run>:<index>`, so an external API
+    deduplicating by it took one branch's call for another's."""
+    keys.clear()
+    pipe = ws.Pipeline("keyed", [fine, ws.parallel(pays, refunds, name="g")])
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        run = await engine.start(pipe)
+    assert run.status == "succeeded"
+    assert run.output == {"pays": f"{run.run_id}:1:g.pays", "refunds": f"{run.run_id}:1:g.refunds"}
+    assert keys["pays"] == [f"{run.run_id}:1:g.pays"] * 2  # the same on every attempt
+
+
 def test_group_validation_errors() -> None:
     with pytest.raises(ws.PipelineDefinitionError, match="two branches are named"):
         ws.parallel(fine, fine)

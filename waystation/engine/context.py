@@ -105,7 +105,12 @@ class StageContext:
 
     @property
     def idempotency_key(self) -> str:
-        """`<run_id>:<stage_index>`: stable across attempts, crashes and resumes."""
+        """`<run_id>:<stage_index>` (`<run_id>:<stage_index>:<group.branch>` in a parallel
+        branch): stable across attempts, crashes and resumes, and different for each stage
+        and each branch of a run, so an external API that deduplicates by it never takes
+        one branch's call for another's."""
+        if self.stage_path != self.stage_name:
+            return f"{self.run_id}:{self.stage_index}:{self.stage_path}"
         return f"{self.run_id}:{self.stage_index}"
 
     @overload
