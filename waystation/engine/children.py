@@ -28,13 +28,15 @@ from ..store import codec
 from ..store.base import Guard, NewRun, NewTransition, RunRecord
 from .context import PauseSignal, StageContext
 from .models import StageError, decode_pauses
-from .pipeline import Pipeline
+from .pipeline import CHILD_KEYS, Pipeline
 
 if TYPE_CHECKING:
     from .engine import Engine
     from .runner import Driver
 
 log = logging.getLogger("waystation")
+
+_ENDED = ("succeeded", "failed", "cancelled")
 
 _WAITING: Any = object()
 """`_outcome`: the child has not settled yet."""
@@ -127,7 +129,7 @@ class ChildRunner:
         state = parent.state
         i = ctx.stage_index
         key = _child_key(parent, ctx, call)
-        if _in_branch(ctx):
+        if state.old_child_keys and _in_branch(ctx):
             before = await self._legacy_branch_child(parent, ctx, call)
             if before is not None:
                 return before.run_id
@@ -157,6 +159,7 @@ class ChildRunner:
                                 "call": call,
                                 "chain": chain,
                                 "lineage": [*state.lineage, state.run_id],
+                                **CHILD_KEYS,
                             }
                         ).decode(),
                     ),
@@ -340,11 +343,14 @@ class ChildRunner:
         """Cancel the children these calls launched that have not finished (and theirs)."""
         open_ids = []
         for call in calls:
-            record = await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))
-            if record is None and _in_branch(ctx):
-                record = await self._legacy_branch_child(parent, ctx, call)
-            if record is not None and record.status not in ("succeeded", "failed", "cancelled"):
-                open_ids.append(record.run_id)
+            found = [await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))]
+            if parent.state.old_child_keys and _in_branch(ctx):
+                # Both, if an engine of each kind launched one: the branch waits on the
+                # old-keyed one (`_launch` looks there first).
+                found.append(await self._legacy_branch_child(parent, ctx, call))
+            for record in found:
+                if record is not None and record.status not in _ENDED:
+                    open_ids.append(record.run_id)
         if open_ids:
             with contextlib.suppress(Exception):
                 await self.engine._cancel_runs(open_ids)

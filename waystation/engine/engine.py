@@ -53,7 +53,7 @@ from . import events
 from .children import ChildRunner, Limits
 from .clock import Clock, SystemClock
 from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
-from .pipeline import Pipeline
+from .pipeline import CHILD_KEYS, Pipeline
 from .plan import Plan, make_plan
 from .runner import Driver, RunState, expiry_of
 from .timers import Timers
@@ -984,7 +984,7 @@ class Engine:
             elif row.event == "skipped":
                 reused.append(NewTransition("skipped", i, row.stage_path, 0))
         new_id = new_run_id()
-        origin = codec.encode({"replay_of": run_id, "from_stage": start}).decode()
+        origin = codec.encode({"replay_of": run_id, "from_stage": start, **CHILD_KEYS}).decode()
         created, _ = await self.store.create_run(
             NewRun(
                 run_id=new_id,

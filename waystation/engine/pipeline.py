@@ -26,6 +26,17 @@ if TYPE_CHECKING:
     from .children import Limits
 
 
+CHILD_KEYS: dict[str, int] = {"child_keys": 2}
+"""In every new run's `created` row: the children of its parallel branches are keyed by
+branch. A run without it was created before that (its branches' children may be under
+the old key: `ChildRunner._legacy_branch_child`)."""
+
+
+def has_child_keys(origin: Mapping[str, Any]) -> bool:
+    """Whether a `created` row's payload carries the `CHILD_KEYS` mark."""
+    return origin.get("child_keys") == CHILD_KEYS["child_keys"]
+
+
 @dataclass(frozen=True, slots=True)
 class Binding:
     """Where one parameter's value comes from."""
@@ -164,7 +175,7 @@ class Pipeline:
         )
         self._check_cycles([])
         self.fingerprint = self._fingerprint()
-        self.created_payload = codec.encode({"shape": self.shape()}).decode()
+        self.created_payload = codec.encode({"shape": self.shape(), **CHILD_KEYS}).decode()
         """The payload of each new run's `created` row (built once: a pipeline does not
         change after it is built)."""
         self.plain: tuple[bool, ...] = tuple(

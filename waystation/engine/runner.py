@@ -32,7 +32,7 @@ from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecor
 from .compose import run_composite
 from .context import PauseSignal, SleepSignal, StageContext
 from .models import Failed, Pause, StageError
-from .pipeline import Binding, Pipeline, Slot
+from .pipeline import Binding, Pipeline, Slot, has_child_keys
 from .stage import Stage
 
 if TYPE_CHECKING:
@@ -88,6 +88,9 @@ class RunState:
     """Pipelines and stages from the root to this run, for error messages."""
     lineage: tuple[str, ...] = ()
     """Run ids of this run's ancestors, root first."""
+    old_child_keys: bool = False
+    """Created before its parallel branches' children were keyed by branch (its `created`
+    row has no `CHILD_KEYS` mark): a branch looks for its children under the old key too."""
 
     @classmethod
     def fresh(cls, pipeline: Pipeline, run_id: str, typed_input: Any) -> RunState:
@@ -112,12 +115,15 @@ class RunState:
         state.stage_index = record.stage_index
         state.root_run_id = record.root_run_id
         state.depth = record.depth
+        state.old_child_keys = True  # unless its `created` row says otherwise
         for row in rows:
-            if row.event == "created" and row.payload is not None:
-                origin = codec.decode_any(row.payload)
+            if row.event == "created":
+                origin = codec.decode_any(row.payload) if row.payload is not None else None
                 if isinstance(origin, dict) and "chain" in origin:
                     state.chain = origin["chain"]
                     state.lineage = tuple(origin.get("lineage", ()))
+                if isinstance(origin, dict) and has_child_keys(origin):
+                    state.old_child_keys = False
                 continue
             i = row.stage_index
             if i is None or i >= len(pipeline.stages):
