@@ -473,10 +473,14 @@ def make(name):
     return ws.Stage(do, name=name, compensate=undo)
 
 @ws.stage
-async def boom(c: str) -> str:
+async def boom(x: int) -> str:
     raise RuntimeError("boom")
 
-pipe = ws.Pipeline("crash_saga", [make("a"), make("b"), make("c"), boom], on_failure="compensate")
+if os.environ.get("SAGA_SHAPE") == "group":  # b and c as branches: each has its own undo
+    middle = [ws.parallel(make("b"), make("c"), name="g")]
+else:
+    middle = [make("b"), make("c")]
+pipe = ws.Pipeline("crash_saga", [make("a"), *middle, boom], on_failure="compensate")
 
 async def main(db):
     async with ws.Engine.open(db, pipelines=[pipe]) as engine:
@@ -489,11 +493,17 @@ if __name__ == "__main__":
 """
 
 
-async def test_a_crash_during_compensation_continues_with_the_rest(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shape", ["stages", "group"])
+async def test_a_crash_during_compensation_continues_with_the_rest(
+    tmp_path: Path, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `group`, b and c are branches of a parallel group: before, their own
+    compensations never ran (only stages' did), so the side file said just "undo a"."""
     db, side, marker = tmp_path / "runs.db", tmp_path / "side.txt", tmp_path / "slow"
     script = tmp_path / "crash_saga.py"
     script.write_text(textwrap.dedent(SAGA_SCRIPT))
     marker.write_text("1")
+    monkeypatch.setenv("SAGA_SHAPE", shape)
     os.environ.update(SIDE_FILE=str(side), SLOW_MARKER=str(marker))
     run_id = run_and_kill(
         script,
@@ -518,9 +528,10 @@ async def test_a_crash_during_compensation_continues_with_the_rest(tmp_path: Pat
     # c was compensated before the kill and is not compensated again; b was in flight
     # (at-least-once) and runs again; a runs once.
     assert side.read_text().split("\n")[:-1] == ["undo c", "undo b", "undo b", "undo a"]
+    b, c = ("g.b", "g.c") if shape == "group" else ("b", "c")
     assert [e for e in events if e[0] == "compensated"] == [
-        ("compensated", "c"),
-        ("compensated", "b"),
+        ("compensated", c),
+        ("compensated", b),
         ("compensated", "a"),
     ]
 

@@ -78,8 +78,9 @@ class RunState:
     """Committed wake-up times per slot, in order (sleep stages and `ctx.sleep`)."""
     compensating: str | None = None
     """The failure (as stored JSON) whose compensation is under way, after a crash."""
-    compensated: set[int] = field(default_factory=set)
-    """Stages whose compensation already ran (or failed): never run twice."""
+    compensated: set[int | str] = field(default_factory=set)
+    """Stages (by index) and parallel branches (by path) whose compensation already ran
+    (or failed): never run twice."""
     generations: dict[int, int] = field(default_factory=dict)
     """How often `engine.retry` restarted each stage (part of its children's keys)."""
     root_run_id: str = ""
@@ -182,6 +183,8 @@ class RunState:
             self.attempts[path] = max(self.attempts.get(path, 0), row.attempt)
         elif row.event == "resumed" and row.payload is not None:
             self.answers.setdefault(path, []).append(row.payload)
+        elif row.event in ("compensated", "compensation_failed"):
+            self.compensated.add(path)
 
 
 def _has_nonfinite(value: Any, depth: int) -> bool:
@@ -987,35 +990,62 @@ class Driver:
         runs a stage launched are undone before the stage itself (deepest first)."""
         journal = journal or self._commit
         stages = self.pipeline.stages
+        state = self.state
         for j in reversed(range(failed_at)):
             stage = stages[j]
             await self.children.compensate_children(self, j)
-            if stage.compensate is None or j in self.state.compensated:
+            if stage.group is None:
+                value, payload = state.values[j], state.payloads[j]
+                bindings = self.pipeline.bindings[j]
+                await self._undo(j, stage, j, stage.name, bindings, value, payload, journal)
                 continue
-            value = self.state.values[j]
-            if isinstance(value, Failed) or (value is None and self.state.payloads[j] is None):
-                continue  # it failed or was skipped: nothing to undo
-            kwargs = self._kwargs(self.pipeline.bindings[j])
-            kwargs["output"] = value
-            wanted = inspect.signature(stage.compensate).parameters
-            kwargs = {k: v for k, v in kwargs.items() if k in wanted}
-            try:
-                result = stage.compensate(**kwargs)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception as exc:
-                log.warning(
-                    "run %s: compensation of %s failed: %s: %s",
-                    self.run_id,
-                    stage.name,
-                    type(exc).__name__,
-                    exc,
+            # A group's branches, last declared first: each has a compensation of its own.
+            results = state.values[j] if isinstance(state.values[j], dict) else {}
+            slots = self.pipeline.branch_slots[j]
+            for branch in reversed(stage.group.branches):
+                slot = slots[branch.name]
+                value, payload = results.get(branch.name), state.branch_payloads.get(slot.path)
+                await self._undo(
+                    j, branch, slot.key, slot.path, slot.bindings, value, payload, journal
                 )
-                info = error_json(exc, stage, j)
-                await journal([NewTransition("compensation_failed", j, stage.name, error=info)])
-            else:
-                await journal([NewTransition("compensated", j, stage.name)])
-            self.state.compensated.add(j)
+
+    async def _undo(
+        self,
+        i: int,
+        stage: Stage,
+        key: int | str,
+        path: str,
+        bindings: tuple[Binding, ...],
+        value: Any,
+        payload: str | None,
+        journal: Callable[[list[NewTransition]], Awaitable[None]],
+    ) -> None:
+        """Run one completed stage's (or branch's) compensation, once, and journal it."""
+        if stage.compensate is None or key in self.state.compensated:
+            return
+        if isinstance(value, Failed) or (value is None and payload is None):
+            return  # it failed or was skipped: nothing to undo
+        kwargs = self._kwargs(bindings)
+        kwargs["output"] = value
+        wanted = inspect.signature(stage.compensate).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k in wanted}
+        try:
+            result = stage.compensate(**kwargs)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            log.warning(
+                "run %s: compensation of %s failed: %s: %s",
+                self.run_id,
+                path,
+                type(exc).__name__,
+                exc,
+            )
+            info = error_json(exc, stage, i)
+            await journal([NewTransition("compensation_failed", i, path, error=info)])
+        else:
+            await journal([NewTransition("compensated", i, path)])
+        self.state.compensated.add(key)
 
     async def _fail_and_continue(self, i: int, stage: Stage, exc: BaseException) -> None:
         info = error_info(exc, stage, i)
