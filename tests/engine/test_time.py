@@ -631,3 +631,85 @@ async def test_due_runs_of_other_pipelines_do_not_hold_back_this_engines(
         assert done.status == "succeeded" and done.output == "approved"
         assert len(await engine.list(status="paused", limit=1000)) == 600
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text[:500]
+
+
+trip_undone: list[str] = []
+
+
+def _trip_step(name: str, *, fails: bool = False) -> ws.Stage:
+    async def do() -> str:
+        if fails:
+            raise ConnectionError(f"{name}: no seats")
+        return f"{name} booked"
+
+    def undo(output: str) -> None:
+        trip_undone.append(f"undo {output}")
+
+    return ws.Stage(do, name=name, compensate=undo)
+
+
+async def test_a_failing_group_undoes_its_branches_that_completed(db: Path) -> None:
+    """The saga a parallel group most needs: hotel and car booked while the flight fails.
+    Before, only the stages before the group were undone, and hotel and car stayed
+    booked. The flight, which failed, is not undone."""
+    trip_undone.clear()
+    trip = ws.Pipeline(
+        "trip",
+        [
+            _trip_step("deposit"),
+            ws.parallel(
+                _trip_step("hotel"),
+                _trip_step("flight", fails=True),
+                _trip_step("car"),
+                name="book",
+                on_error="wait_for_all",
+            ),
+        ],
+        on_failure="compensate",
+    )
+    async with ws.Engine.open(db, pipelines=[trip]) as engine:
+        run = await engine.start(trip)
+        events = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+    assert run.status == "failed"
+    assert trip_undone == ["undo car booked", "undo hotel booked", "undo deposit booked"]
+    assert [e for e in events if e[0] == "compensated"] == [
+        ("compensated", "book.car"),
+        ("compensated", "book.hotel"),
+        ("compensated", "deposit"),
+    ]
+
+
+@ws.stage(compensate=lambda what, output: trip_undone.append(f"undo child {output}"))
+async def reserve_one(what: str) -> str:
+    return what
+
+
+reserving = ws.Pipeline("reserving", [reserve_one], on_failure="compensate")
+
+
+@ws.stage(compensate=lambda output: trip_undone.append(f"undo {output}"))
+async def rooms(ctx: ws.StageContext) -> str:
+    return str(await ctx.run_child(reserving, {"what": "room"}))
+
+
+@ws.stage
+async def seats(ctx: ws.StageContext) -> str:
+    await ctx.run_child(reserving, {"what": "seat"})
+    raise ConnectionError("the seat's payment failed")
+
+
+async def test_a_failing_group_undoes_the_children_of_its_completed_branches_only(
+    db: Path,
+) -> None:
+    """The room (a completed branch's child) is undone; the seat, reserved by the branch
+    that then failed, is not: a failing branch is treated as a failing stage is."""
+    trip_undone.clear()
+    trip = ws.Pipeline(
+        "trip-children",
+        [ws.parallel(rooms, seats, name="book", on_error="wait_for_all")],
+        on_failure="compensate",
+    )
+    async with ws.Engine.open(db, pipelines=[trip]) as engine:
+        run = await engine.start(trip)
+    assert run.status == "failed"
+    assert trip_undone == ["undo child room", "undo room"]

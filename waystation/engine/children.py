@@ -357,18 +357,24 @@ class ChildRunner:
 
     # -- compensation ------------------------------------------------------------------------
 
-    async def compensate_children(self, parent: Driver, stage_index: int) -> None:
-        """Undo the succeeded child runs that the parent's stage launched, last launched
-        first, each with its own pipeline's compensations (and its children's, deeper
-        first). Journaled in the child's own journal, so each is undone once."""
+    async def compensate_children(
+        self, parent: Driver, stage_index: int, branches: tuple[str, ...] | None = None
+    ) -> None:
+        """Undo the succeeded child runs that the parent's stage launched (with `branches`,
+        only those of these branches of its group), last launched first, each with its own
+        pipeline's compensations (and its children's, deeper first). Journaled in the
+        child's own journal, so each is undone once."""
         from .runner import Driver, RunState
 
         engine = self.engine
         prefix = _child_prefix(parent.run_id, stage_index)
+        ends = None if branches is None else tuple(f"@{path}" for path in branches)
         kids = [
             r
             for r in await engine.store.list_runs(parent_run_id=parent.run_id, limit=100_000)
-            if r.status == "succeeded" and (r.idempotency_key or "").startswith(prefix)
+            if r.status == "succeeded"
+            and (r.idempotency_key or "").startswith(prefix)
+            and (ends is None or (r.idempotency_key or "").endswith(ends))
         ]
         for record in reversed(kids):
             try:

@@ -991,23 +991,44 @@ class Driver:
         journal = journal or self._commit
         stages = self.pipeline.stages
         state = self.state
+        if failed_at < len(stages) and stages[failed_at].group is not None:
+            # The group that failed: its branches that completed are steps done (a hotel
+            # booked while the flight failed), undone with their children; the branches
+            # that failed are not, as a failing stage is not.
+            await self._undo_group(failed_at, stages[failed_at], journal, failed=True)
         for j in reversed(range(failed_at)):
             stage = stages[j]
-            await self.children.compensate_children(self, j)
-            if stage.group is None:
-                value, payload = state.values[j], state.payloads[j]
-                bindings = self.pipeline.bindings[j]
-                await self._undo(j, stage, j, stage.name, bindings, value, payload, journal)
+            if stage.group is not None:
+                await self._undo_group(j, stage, journal, failed=False)
                 continue
-            # A group's branches, last declared first: each has a compensation of its own.
-            results = state.values[j] if isinstance(state.values[j], dict) else {}
-            slots = self.pipeline.branch_slots[j]
-            for branch in reversed(stage.group.branches):
-                slot = slots[branch.name]
-                value, payload = results.get(branch.name), state.branch_payloads.get(slot.path)
-                await self._undo(
-                    j, branch, slot.key, slot.path, slot.bindings, value, payload, journal
-                )
+            await self.children.compensate_children(self, j)
+            value, payload = state.values[j], state.payloads[j]
+            bindings = self.pipeline.bindings[j]
+            await self._undo(j, stage, j, stage.name, bindings, value, payload, journal)
+
+    async def _undo_group(
+        self,
+        i: int,
+        group: Stage,
+        journal: Callable[[list[NewTransition]], Awaitable[None]],
+        *,
+        failed: bool,
+    ) -> None:
+        """Undo a group's children, then each branch with its own compensation, last
+        declared first. For the group that `failed`, only its completed branches (and
+        their children)."""
+        assert group.group is not None
+        state = self.state
+        results = state.values[i] if isinstance(state.values[i], dict) else {}
+        slots = self.pipeline.branch_slots[i]
+        done = None
+        if failed:
+            done = tuple(s.path for s in slots.values() if s.path in state.branch_payloads)
+        await self.children.compensate_children(self, i, done)
+        for branch in reversed(group.group.branches):
+            slot = slots[branch.name]
+            value, payload = results.get(branch.name), state.branch_payloads.get(slot.path)
+            await self._undo(i, branch, slot.key, slot.path, slot.bindings, value, payload, journal)
 
     async def _undo(
         self,
