@@ -420,3 +420,38 @@ def test_a_sleep_stage_cannot_be_a_branch() -> None:
     """Refused when the group is made, not when the run reaches it."""
     with pytest.raises(ws.PipelineDefinitionError, match="sleep stage"):
         ws.parallel(geo, ws.sleep_stage("nap", 5), name="g")
+
+
+@ws.stage
+async def steady() -> int:
+    return 1
+
+
+@ws.stage(continue_on_error=True)
+async def shaky() -> int:
+    raise ValueError("no answer")
+
+
+@ws.stage
+async def summary(steady: int, shaky: ws.Failed | int) -> str:
+    return f"steady={steady} shaky={getattr(shaky, 'message', shaky)}"
+
+
+@pytest.mark.parametrize("restart", [False, True])
+async def test_a_continue_on_error_branch_hands_its_failure_on(db: Path, restart: bool) -> None:
+    """Before: the flag was ignored on a branch, and the group failed (though `plan`
+    said later stages get a ws.Failed). With a restart between the group and the next
+    stage (a gate), the failure is read back from the journal."""
+    gate = [ws.gate("go_on", schema=bool)] if restart else []
+    pipe = ws.Pipeline("shaky-group", [ws.parallel(steady, shaky, name="g"), *gate, summary])
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        run = await engine.start(pipe)
+        if restart:
+            assert run.status == "paused"
+    if restart:
+        async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+            run = await engine.resume(run.run_id, True)
+    assert run.status == "succeeded" and run.output == "steady=1 shaky=no answer"
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        rows = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+    assert ("failed", "g.shaky") in rows and ("succeeded", "g") in rows

@@ -179,6 +179,14 @@ class RunState:
             payload = row.payload if row.event != "skipped" else None
             results[name] = codec.decode(payload, branch.returns) if payload else None
             self.branch_payloads[path] = payload
+        elif row.event == "failed" and branch.continue_on_error and row.error is not None:
+            # A continue_on_error branch: its output is the failure (as for a stage).
+            results = self.values[i] if isinstance(self.values[i], dict) else {}
+            self.values[i] = results
+            err = msgspec.json.decode(row.error, type=StageError)
+            failed = Failed(stage=branch.name, type=err.type, message=err.message)
+            results[name] = failed
+            self.branch_payloads[path] = codec.encode(failed).decode()
         elif row.event == "retrying":
             self.attempts[path] = max(self.attempts.get(path, 0), row.attempt)
         elif row.event == "resumed" and row.payload is not None:
@@ -666,13 +674,29 @@ class Driver:
         except _Lost:
             raise
         except Exception as exc:
-            return await self._branch_failed(branch, slot, exc, errors)
+            if not branch.continue_on_error:
+                return await self._branch_failed(branch, slot, exc, errors)
+            # As a continue_on_error stage: the failure is journaled and is the branch's
+            # output, for the stages after the group to see.
+            info = error_info(exc, branch, i)
+            value = Failed(stage=branch.name, type=info.type, message=info.message)
+            payload, event = codec.encode(value).decode(), "failed"
+            log.warning("run %s: branch %s failed, continuing: %s", self.run_id, slot.path, exc)
         # Shielded, as is a failure's commit: once the outcome is with the writer it will
         # apply, so a sibling's failure must not cancel the wait for it (the branch would
         # then be journaled `cancelled` after its committed outcome).
         with anyio.CancelScope(shield=True):
             await self._commit(
-                [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload=payload)]
+                [
+                    NewTransition(
+                        event,
+                        i,
+                        slot.path,
+                        self._attempt_of(slot.key),
+                        payload=None if event == "failed" else payload,
+                        error=codec.encode(info).decode() if event == "failed" else None,
+                    )
+                ]
             )
         results[branch.name] = value
         self.state.branch_payloads[slot.path] = payload
@@ -791,7 +815,9 @@ class Driver:
             elif b.branch is not None:
                 value = state.values[b.from_stage][b.branch]
                 path = f"{self.pipeline.stages[b.from_stage].name}.{b.branch}"
-                if b.convert is not None and state.branch_payloads.get(path) is not None:
+                if isinstance(value, Failed):
+                    pass  # a continue_on_error branch that failed: handed over as it is
+                elif b.convert is not None and state.branch_payloads.get(path) is not None:
                     value = codec.decode(state.branch_payloads[path] or "null", b.convert)
             elif isinstance(state.values[b.from_stage], Failed):
                 value = state.values[b.from_stage]
