@@ -713,3 +713,47 @@ async def test_a_failing_group_undoes_the_children_of_its_completed_branches_onl
         run = await engine.start(trip)
     assert run.status == "failed"
     assert trip_undone == ["undo child room", "undo room"]
+
+
+asks_child = ws.Pipeline("asks-child", [ws.gate("child_ok", schema=bool)])
+
+
+@ws.stage
+async def asks(ctx: ws.StageContext) -> bool:
+    if not await ctx.run_child(asks_child, {}):
+        raise ConnectionError("refused")
+    return True
+
+
+async def test_a_failing_group_of_a_run_from_before_branch_keys_undoes_its_childs_children(
+    db: Path,
+) -> None:
+    """A run created before branch children were keyed by branch (its `created` row has
+    no mark, its children's keys no `@group.branch`): the branch that completed is known
+    by its child's `created` row, and that child is undone too."""
+    trip_undone.clear()
+    trip = ws.Pipeline(
+        "trip-legacy", [ws.parallel(rooms, asks, name="book")], on_failure="compensate"
+    )
+    async with ws.Engine.open(db, pipelines=[trip, reserving, asks_child]) as engine:
+        run = await engine.start(trip)
+        assert run.status == "paused"
+        kids = await engine.list(parent_run_id=run.run_id)
+    (room,) = [k for k in kids if k.pipeline == "reserving"]
+    with closing(sqlite3.connect(db)) as conn, conn:  # as an engine before the keys made them
+        conn.execute(
+            "UPDATE runs SET idempotency_key = replace(idempotency_key, '@book.rooms', '') "
+            "WHERE run_id = ?",
+            (room.run_id,),
+        )
+        conn.execute(
+            "UPDATE transitions SET payload = json_remove(payload, '$.child_keys') "
+            "WHERE run_id = ? AND event = 'created'",
+            (run.run_id,),
+        )
+    async with ws.Engine.open(db, pipelines=[trip, reserving, asks_child]) as engine:
+        (pause,) = (await engine.get(run.run_id)).pauses
+        await engine.resume(run.run_id, False, pause_id=pause.pause_id, wait=False)
+        done = await engine.wait(run.run_id, timeout=20)
+    assert done.status == "failed"
+    assert trip_undone == ["undo child room", "undo room"]

@@ -314,17 +314,37 @@ class ChildRunner:
         under the old key if its `created` row says this branch launched it (another branch
         of the group may hold that key). Lets a run started before the change, re-entering
         its branch now, find its child instead of launching it again."""
-        store = self.engine.store
-        old = await store.get_run_by_key(_legacy_key(parent, ctx, call))
+        old = await self.engine.store.get_run_by_key(_legacy_key(parent, ctx, call))
         if old is None or old.parent_run_id != parent.run_id:
             return None
-        rows = await store.history(old.run_id, after_seq=0)
-        origin = codec.decode_any(rows[0].payload) if rows and rows[0].payload else None
-        chain = origin.get("chain") if isinstance(origin, dict) else None
+        chain = await self._chain_of(old.run_id)
         ours = f"{parent.state.chain} > {ctx.stage_name} > "
-        if isinstance(chain, str) and chain.startswith(ours) and chain.endswith(f"[{call}]"):
+        if chain is not None and chain.startswith(ours) and chain.endswith(f"[{call}]"):
             return old
         return None
+
+    async def _of_branches(
+        self, parent: Driver, child: RunRecord, branches: tuple[str, ...]
+    ) -> bool:
+        """Whether one of these branches (`group.branch` paths) launched `child`: by its
+        key, or, keyed before keys named the branch, by its `created` row."""
+        key = child.idempotency_key or ""
+        if "@" in key:
+            return key.rsplit("@", 1)[1] in branches
+        if not parent.state.old_child_keys:
+            return False
+        chain = await self._chain_of(child.run_id)
+        names = [path.split(".", 1)[1] for path in branches]
+        return chain is not None and any(
+            chain.startswith(f"{parent.state.chain} > {name} > ") for name in names
+        )
+
+    async def _chain_of(self, run_id: str) -> str | None:
+        """The chain a child's `created` row names (`parent chain > stage > pipeline[n]`)."""
+        rows = await self.engine.store.history(run_id, after_seq=0)
+        origin = codec.decode_any(rows[0].payload) if rows and rows[0].payload else None
+        chain = origin.get("chain") if isinstance(origin, dict) else None
+        return chain if isinstance(chain, str) else None
 
     async def stage_outputs(self, p: Pipeline, run_id: str) -> dict[str, Any]:
         """The outputs of a finished run's stages, by stage name."""
@@ -368,14 +388,13 @@ class ChildRunner:
 
         engine = self.engine
         prefix = _child_prefix(parent.run_id, stage_index)
-        ends = None if branches is None else tuple(f"@{path}" for path in branches)
         kids = [
             r
             for r in await engine.store.list_runs(parent_run_id=parent.run_id, limit=100_000)
-            if r.status == "succeeded"
-            and (r.idempotency_key or "").startswith(prefix)
-            and (ends is None or (r.idempotency_key or "").endswith(ends))
+            if r.status == "succeeded" and (r.idempotency_key or "").startswith(prefix)
         ]
+        if branches is not None:
+            kids = [r for r in kids if await self._of_branches(parent, r, branches)]
         for record in reversed(kids):
             try:
                 p = engine._pipeline_of(record)
