@@ -254,10 +254,14 @@ async def test_a_failing_compensation_is_journaled_and_the_error_kept(
     assert any("compensation of charge failed" in r.getMessage() for r in caplog.records)
 
 
-async def test_a_compensated_run_is_not_retried_but_can_be_replayed(db: Path) -> None:
+@pytest.mark.parametrize("from_stage", [0, None])
+async def test_a_compensated_run_is_not_retried_but_can_be_replayed(
+    db: Path, from_stage: int | None
+) -> None:
     """Its first stages' results stand for undone work (the reservation was released):
     retry refuses, naming the way out, and writes nothing; replay from stage 0 runs it all
-    again."""
+    again, and so does a replay that names no stage (before: it reused the undone
+    reservation and charge, and a new failure undid them a second time)."""
     undone.clear()
     async with ws.Engine.open(db, pipelines=[saga]) as engine:
         run = await engine.start(saga, {"item": "lamp", "amount": 30})
@@ -267,7 +271,7 @@ async def test_a_compensated_run_is_not_retried_but_can_be_replayed(db: Path) ->
             await engine.retry(run.run_id)
         assert await engine.history(run.run_id) == before
         assert (await engine.get(run.run_id)).status == "failed"
-        again = await engine.replay(run.run_id, from_stage=0)
+        again = await engine.replay(run.run_id, from_stage=from_stage)
         events = [(t.event, t.stage_path) for t in await engine.history(again.run_id)]
     assert again.status == "failed"  # `ship` still has no courier
     assert ("succeeded", "reserve") in events and ("reused", "reserve") not in events

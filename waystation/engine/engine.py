@@ -893,9 +893,7 @@ class Engine:
             raise InvalidRunState(
                 f"run {run_id} is {record.status}; only failed or cancelled runs can be retried"
             )
-        if record.status == "failed" and any(
-            t.event == "compensating" for t in await self.store.history(run_id)
-        ):
+        if record.status == "failed" and await self._compensated(run_id):
             raise InvalidRunState(
                 f"run {run_id} failed and its completed stages were compensated (undone); "
                 "continuing it would build on undone work. Run it again from its first "
@@ -925,6 +923,10 @@ class Engine:
             return await self.get(run_id)
         return await self.wait(run_id, timeout=timeout)
 
+    async def _compensated(self, run_id: str) -> bool:
+        """Whether a failed run's saga undid its completed stages."""
+        return any(t.event == "compensating" for t in await self.store.history(run_id))
+
     async def replay(
         self,
         run_id: str,
@@ -939,9 +941,10 @@ class Engine:
         The new run (`run_kind="replay"`, `replay_of=run_id`) reuses the committed outputs of
         the stages before `from_stage` without executing them (journal rows `reused`), and
         executes from there with the code registered now (a fixed bug, say). `from_stage`
-        defaults to the stage where the run failed or was cancelled; a succeeded run needs it.
-        With `input=` the run input is replaced and, unless `from_stage` says otherwise,
-        nothing is reused.
+        defaults to the stage where the run failed or was cancelled (the first stage, if
+        its completed stages were compensated: their outputs stand for undone work); a
+        succeeded run needs it. With `input=` the run input is replaced and, unless
+        `from_stage` says otherwise, nothing is reused.
         """
         self._check_open()
         record = await self._record(run_id)
@@ -957,6 +960,8 @@ class Engine:
                 raise InvalidRunState(
                     f"run {run_id} succeeded; say which stage to replay from (from_stage=)"
                 )
+            elif record.status == "failed" and await self._compensated(run_id):
+                start = 0  # what it would reuse was undone
             else:
                 start = record.stage_index
         elif isinstance(from_stage, int):
