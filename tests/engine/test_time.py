@@ -761,3 +761,34 @@ async def test_a_failing_group_of_a_run_from_before_branch_keys_undoes_its_child
         done = await engine.wait(run.run_id, timeout=20)
     assert done.status == "failed"
     assert trip_undone == ["undo child room", "undo room"]
+
+
+@ws.stage
+async def asks_in_branch(ctx: ws.StageContext) -> bool:
+    return bool(await ctx.run_child(asks_child, {}))
+
+
+async def test_a_gate_keeps_its_expiry_when_its_group_is_entered_again(db: Path) -> None:
+    """A group waits on a gate (expiring after a day) and on a child's gate. Answering the
+    child half a day in takes the run out of its pause and back into the group, where the
+    gate pauses again: it must still expire at the end of the first day. Before, its
+    expiry started again from the re-entry."""
+    gate = ws.gate("approval", schema=bool, expires_after=DAY)
+    parent = ws.Pipeline("group-expiry", [ws.parallel(gate, asks_in_branch, name="both")])
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(db, pipelines=[parent, asks_child], clock=clock) as engine:
+        run = await engine.start(parent)
+        assert run.status == "paused" and len(run.pauses) == 2
+        (child_pause,) = [p for p in run.pauses if p.kind == "child_ok"]
+        clock.advance(DAY / 2)
+        await engine.resume(run.run_id, True, pause_id=child_pause.pause_id, wait=False)
+        again = await _until(engine, run.run_id, "paused")
+        with anyio.fail_after(10):
+            while len(again.pauses) != 1:  # the child's answer is taken in
+                await anyio.sleep(0.01)
+                again = await engine.get(run.run_id)
+        assert [p.expires_at for p in again.pauses] == [DAY]
+        clock.advance(DAY / 2)
+        done = await _settled(engine, run.run_id)
+    assert done.status == "failed" and done.error is not None
+    assert done.error.type == "waystation.errors.PauseExpired"

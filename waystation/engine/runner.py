@@ -89,6 +89,10 @@ class RunState:
     """Pipelines and stages from the root to this run, for error messages."""
     lineage: tuple[str, ...] = ()
     """Run ids of this run's ancestors, root first."""
+    expiries: dict[str, float] = field(default_factory=dict)
+    """When each gate pause this run committed expires (by pause id), from its `paused`
+    rows: a gate that pauses again (its group entered again to take in a child's answer)
+    keeps its first expiry rather than starting a new one."""
     old_child_keys: bool = False
     """Created before its parallel branches' children were keyed by branch (its `created`
     row has no `CHILD_KEYS` mark): a branch looks for its children under the old key too."""
@@ -149,6 +153,10 @@ class RunState:
             elif row.event == "retried":  # engine.retry: a fresh retry budget
                 state.attempts.pop(i, None)
                 state.generations[i] = state.generations.get(i, 0) + 1
+                for pause_id in [k for k in state.expiries if _of_stage(k, stage.name)]:
+                    del state.expiries[pause_id]  # a new attempt waits afresh
+            elif row.event == "paused" and row.payload is not None:
+                state._load_expiries(record.run_id, row.payload)
             elif row.event == "failed" and row.error is not None and i < record.stage_index:
                 # A continue_on_error stage: its output is the failure.
                 err = msgspec.json.decode(row.error, type=StageError)
@@ -166,6 +174,17 @@ class RunState:
             elif row.event in ("compensated", "compensation_failed"):
                 state.compensated.add(i)
         return state
+
+    def _load_expiries(self, run_id: str, payload: str) -> None:
+        pauses = codec.decode_any(payload)
+        for pause in pauses if isinstance(pauses, list) else []:
+            if (
+                isinstance(pause, dict)
+                and pause.get("gate")
+                and isinstance(pause.get("expires_at"), int | float)
+                and pause.get("run_id") in (None, run_id)
+            ):
+                self.expiries.setdefault(pause["pause_id"], float(pause["expires_at"]))
 
     def _load_branch(self, pipeline: Pipeline, i: int, row: TransitionRecord) -> None:
         path = row.stage_path or ""
@@ -193,6 +212,12 @@ class RunState:
             self.answers.setdefault(path, []).append(row.payload)
         elif row.event in ("compensated", "compensation_failed"):
             self.compensated.add(path)
+
+
+def _of_stage(pause_id: str, stage_name: str) -> bool:
+    """Whether a pause id (`path#n`) is of the stage or of one of its branches."""
+    path = pause_id.split("#", 1)[0]
+    return path == stage_name or path.startswith(f"{stage_name}.")
 
 
 def _has_nonfinite(value: Any, depth: int) -> bool:
@@ -943,11 +968,12 @@ class Driver:
         # A gate only pauses as itself; any other stage pauses through ctx.pause.
         gate = stage.kind == "gate"
         expires_at = None
+        pause_id = f"{slot.path}#{sig.number}"
         if gate and stage.expiry is not None:
-            expires_at = self.clock.time() + stage.expiry[0]
+            expires_at = self.state.expiries.get(pause_id, self.clock.time() + stage.expiry[0])
         return Pause(
             expires_at=expires_at,
-            pause_id=f"{slot.path}#{sig.number}",
+            pause_id=pause_id,
             kind=sig.kind,
             reason=sig.reason,
             stage_index=slot.index,

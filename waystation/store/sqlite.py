@@ -754,7 +754,7 @@ class SQLiteStore:
             f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
             "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
             "'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
-            "'compensation_failed') "
+            "'compensation_failed', 'paused') "
             "ORDER BY seq",
             (run_id,),
         )
