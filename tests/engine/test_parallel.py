@@ -441,7 +441,8 @@ async def summary(steady: int, shaky: ws.Failed | int) -> str:
 async def test_a_continue_on_error_branch_hands_its_failure_on(db: Path, restart: bool) -> None:
     """Before: the flag was ignored on a branch, and the group failed (though `plan`
     said later stages get a ws.Failed). With a restart between the group and the next
-    stage (a gate), the failure is read back from the journal."""
+    stage (a gate), the failure is read back from the journal; a replay from the next
+    stage reuses it (its `failed` row), as it reuses the other branch's result."""
     gate = [ws.gate("go_on", schema=bool)] if restart else []
     pipe = ws.Pipeline("shaky-group", [ws.parallel(steady, shaky, name="g"), *gate, summary])
     async with ws.Engine.open(db, pipelines=[pipe]) as engine:
@@ -454,4 +455,26 @@ async def test_a_continue_on_error_branch_hands_its_failure_on(db: Path, restart
     assert run.status == "succeeded" and run.output == "steady=1 shaky=no answer"
     async with ws.Engine.open(db, pipelines=[pipe]) as engine:
         rows = [(t.event, t.stage_path) for t in await engine.history(run.run_id)]
+        again = await engine.replay(run.run_id, from_stage="summary")
     assert ("failed", "g.shaky") in rows and ("succeeded", "g") in rows
+    assert again.status == "succeeded" and again.output == "steady=1 shaky=no answer"
+
+
+@ws.stage(continue_on_error=True)
+async def naps(ctx: ws.StageContext) -> int:
+    await ctx.sleep(1)  # not supported in a branch: this fails the group, flag or not
+    return 1
+
+
+async def test_a_group_failed_by_a_continue_on_error_branch_fails_again_on_retry(
+    db: Path,
+) -> None:
+    """The branch's `failed` row is not a failure handed on (it carries no `Failed`): a
+    retry runs the branch again rather than reading it back as its output."""
+    pipe = ws.Pipeline("napping-branch", [ws.parallel(steady, naps, name="g")])
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        run = await engine.start(pipe)
+        assert run.status == "failed"
+        again = await engine.retry(run.run_id)
+    assert again.status == "failed" and again.error is not None
+    assert "ctx.sleep is not supported" in again.error.message

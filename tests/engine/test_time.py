@@ -317,6 +317,13 @@ async def test_retrying_a_run_cancelled_while_compensating_finishes_the_compensa
         assert cancelled.status == "cancelled"
         assert undos == ["refund"]
         go_on.set()
+        # Replayed, naming no stage, it starts from the first: `pay` was refunded already.
+        with anyio.fail_after(10):
+            replayed = await engine.replay(run.run_id)
+        replay_rows = [(t.event, t.stage_path) for t in await engine.history(replayed.run_id)]
+        assert ("succeeded", "book") in replay_rows and ("reused", "pay") not in replay_rows
+        undos.clear()
+        undos.append("refund")  # as before the replay, for the retry's count below
         with anyio.fail_after(10):
             retried = await engine.retry(run.run_id)
         assert retried.status == "failed" and retried.error is not None

@@ -84,6 +84,18 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
+def _handed_on(p: Pipeline, i: int, path: str | None) -> bool:
+    """Whether a `failed` row at stage `i` (or its branch `path`) is a failure handed on
+    as an output (`continue_on_error`) rather than one that stopped the run or group."""
+    if i >= len(p.stages):
+        return False
+    stage = p.stages[i]
+    target = p.stage_at(i, path)
+    if target is stage and path not in (None, stage.name):
+        return False  # a branch this version of the pipeline does not have
+    return target.continue_on_error
+
+
 def _check_id(run_id: object) -> None:
     """A run id that cannot exist (not a string, not encodable) is simply not found."""
     if not isinstance(run_id, str) or not 0 < len(run_id) <= 512:
@@ -960,7 +972,7 @@ class Engine:
                 raise InvalidRunState(
                     f"run {run_id} succeeded; say which stage to replay from (from_stage=)"
                 )
-            elif record.status == "failed" and await self._compensated(run_id):
+            elif await self._compensated(run_id):  # failed, or cancelled while compensating
                 start = 0  # what it would reuse was undone
             else:
                 start = record.stage_index
@@ -988,6 +1000,13 @@ class Engine:
                 reused.append(NewTransition("reused", i, row.stage_path, 0, payload=row.payload))
             elif row.event == "skipped":
                 reused.append(NewTransition("skipped", i, row.stage_path, 0))
+            elif row.event == "failed" and _handed_on(p, i, row.stage_path):
+                # A continue_on_error failure is that stage's (or branch's) output.
+                reused.append(
+                    NewTransition(
+                        "failed", i, row.stage_path, 0, payload=row.payload, error=row.error
+                    )
+                )
         new_id = new_run_id()
         origin = codec.encode({"replay_of": run_id, "from_stage": start, **CHILD_KEYS}).decode()
         created, _ = await self.store.create_run(

@@ -198,14 +198,13 @@ class RunState:
             payload = row.payload if row.event != "skipped" else None
             results[name] = codec.decode(payload, branch.returns) if payload else None
             self.branch_payloads[path] = payload
-        elif row.event == "failed" and branch.continue_on_error and row.error is not None:
-            # A continue_on_error branch: its output is the failure (as for a stage).
+        elif row.event == "failed" and branch.continue_on_error and row.payload is not None:
+            # A failure handed on (its `Failed` is the row's payload; a failure that failed
+            # the group has none): the branch's output, as for a continue_on_error stage.
             results = self.values[i] if isinstance(self.values[i], dict) else {}
             self.values[i] = results
-            err = msgspec.json.decode(row.error, type=StageError)
-            failed = Failed(stage=branch.name, type=err.type, message=err.message)
-            results[name] = failed
-            self.branch_payloads[path] = codec.encode(failed).decode()
+            results[name] = msgspec.json.decode(row.payload, type=Failed)
+            self.branch_payloads[path] = row.payload
         elif row.event == "retrying":
             self.attempts[path] = max(self.attempts.get(path, 0), row.attempt)
         elif row.event == "resumed" and row.payload is not None:
@@ -718,7 +717,7 @@ class Driver:
                         i,
                         slot.path,
                         self._attempt_of(slot.key),
-                        payload=None if event == "failed" else payload,
+                        payload=payload,
                         error=codec.encode(info).decode() if event == "failed" else None,
                     )
                 ]
