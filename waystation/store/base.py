@@ -221,8 +221,8 @@ class Store(Protocol):
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         """The rows a driver needs to continue a run: created, succeeded, reused, skipped,
-        retrying, retried, resumed, failed, sleeping, paused (for gates' expiries) and the
-        compensation rows."""
+        retrying, retried, resumed, failed, sleeping, the last paused row (for gates'
+        expiries) and the compensation rows."""
 
     async def active_runs(
         self, after: str | None = None, limit: int = 1000, exclude_owner: str | None = None

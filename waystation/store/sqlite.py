@@ -750,11 +750,15 @@ class SQLiteStore:
         return [t for t in batched.expand(rows) if t.seq > after_seq]
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
+        # Of the `paused` rows only the last: each lists every pause open then, gates with
+        # the expiry of their first pause, so the earlier ones add nothing but bytes (a
+        # group taking in N children's answers one by one writes N of them).
         rows = await self._read(
-            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ? "
-            "AND event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', 'retried', "
-            "'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
-            "'compensation_failed', 'paused') "
+            f"SELECT {batched.TRANSITION_FIELDS} FROM transitions WHERE run_id = ?1 "
+            "AND (event IN ('created', 'succeeded', 'reused', 'skipped', 'retrying', "
+            "'retried', 'resumed', 'failed', 'sleeping', 'compensating', 'compensated', "
+            "'compensation_failed') OR (event = 'paused' AND seq = (SELECT MAX(seq) "
+            "FROM transitions WHERE run_id = ?1 AND event = 'paused'))) "
             "ORDER BY seq",
             (run_id,),
         )
