@@ -129,7 +129,7 @@ class ChildRunner:
         state = parent.state
         i = ctx.stage_index
         key = _child_key(parent, ctx, call)
-        if state.old_child_keys and _in_branch(ctx):
+        if state.old_child_keys and ctx._in_branch:
             before = await self._legacy_branch_child(parent, ctx, call)
             if before is not None:
                 return before.run_id
@@ -364,7 +364,7 @@ class ChildRunner:
         open_ids = []
         for call in calls:
             found = [await self.engine.store.get_run_by_key(_child_key(parent, ctx, call))]
-            if parent.state.old_child_keys and _in_branch(ctx):
+            if parent.state.old_child_keys and ctx._in_branch:
                 # Both, if an engine of each kind launched one: the branch waits on the
                 # old-keyed one (`_launch` looks there first).
                 found.append(await self._legacy_branch_child(parent, ctx, call))
@@ -479,7 +479,7 @@ def _child_key(parent: Driver, ctx: StageContext, call: int) -> str:
     counts its calls from 0: without the path, two branches' first calls shared one key, so
     the second branch got the first one's child (and its output)."""
     key = _legacy_key(parent, ctx, call)
-    return f"{key}@{ctx.stage_path}" if _in_branch(ctx) else key
+    return f"{key}@{ctx.stage_path}" if ctx._in_branch else key
 
 
 def _legacy_key(parent: Driver, ctx: StageContext, call: int) -> str:
@@ -487,11 +487,6 @@ def _legacy_key(parent: Driver, ctx: StageContext, call: int) -> str:
     i = ctx.stage_index
     generation = parent.state.generations.get(i, 0)
     return f"{_child_prefix(parent.run_id, i)}{generation}.{ctx.attempt}/{call}"
-
-
-def _in_branch(ctx: StageContext) -> bool:
-    """Whether the stage is a branch of a parallel group (its path is `group.branch`)."""
-    return ctx.stage_path != ctx.stage_name
 
 
 def _failure_chain(p: Pipeline, record: RunRecord, chain: str) -> str:

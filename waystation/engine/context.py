@@ -109,9 +109,14 @@ class StageContext:
         branch): stable across attempts, crashes and resumes, and different for each stage
         and each branch of a run, so an external API that deduplicates by it never takes
         one branch's call for another's."""
-        if self.stage_path != self.stage_name:
+        if self._in_branch:
             return f"{self.run_id}:{self.stage_index}:{self.stage_path}"
         return f"{self.run_id}:{self.stage_index}"
+
+    @property
+    def _in_branch(self) -> bool:
+        """Whether this stage is a branch of a parallel group (its path is `group.branch`)."""
+        return self.stage_path != self.stage_name
 
     @overload
     async def pause(self, kind: str, *, schema: type[T], reason: str | None = None) -> T: ...

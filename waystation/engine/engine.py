@@ -936,7 +936,7 @@ class Engine:
         return await self.wait(run_id, timeout=timeout)
 
     async def _compensated(self, run_id: str) -> bool:
-        """Whether a failed run's saga undid its completed stages."""
+        """Whether the run's saga undid (or began to undo) its completed stages."""
         return any(t.event == "compensating" for t in await self.store.history(run_id))
 
     async def replay(

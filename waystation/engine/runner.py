@@ -90,9 +90,9 @@ class RunState:
     lineage: tuple[str, ...] = ()
     """Run ids of this run's ancestors, root first."""
     expiries: dict[str, float] = field(default_factory=dict)
-    """When each gate pause this run committed expires (by pause id), from its `paused`
-    rows: a gate that pauses again (its group entered again to take in a child's answer)
-    keeps its first expiry rather than starting a new one."""
+    """When each gate pause this run committed expires (by pause id), from its last
+    `paused` row: a gate that pauses again (its group entered again to take in a child's
+    answer) keeps its first expiry rather than starting a new one."""
     old_child_keys: bool = False
     """Created before its parallel branches' children were keyed by branch (its `created`
     row has no `CHILD_KEYS` mark): a branch looks for its children under the old key too."""
@@ -674,6 +674,7 @@ class Driver:
         marker = codec.encode({"concurrent_group": group}).decode()
         await self._commit([NewTransition("started", i, slot.path, attempt, payload=marker)])
         event = "succeeded"
+        error: str | None = None  # a failure handed on (continue_on_error)
         try:
             when = self.pipeline.branch_when_bindings[slot.path]
             if branch.when is not None and not await self._condition(branch, when):
@@ -705,22 +706,14 @@ class Driver:
             info = error_info(exc, branch, i)
             value = Failed(stage=branch.name, type=info.type, message=info.message)
             payload, event = codec.encode(value).decode(), "failed"
+            error = codec.encode(info).decode()
             log.warning("run %s: branch %s failed, continuing: %s", self.run_id, slot.path, exc)
         # Shielded, as is a failure's commit: once the outcome is with the writer it will
         # apply, so a sibling's failure must not cancel the wait for it (the branch would
         # then be journaled `cancelled` after its committed outcome).
         with anyio.CancelScope(shield=True):
             await self._commit(
-                [
-                    NewTransition(
-                        event,
-                        i,
-                        slot.path,
-                        self._attempt_of(slot.key),
-                        payload=payload,
-                        error=codec.encode(info).decode() if event == "failed" else None,
-                    )
-                ]
+                [NewTransition(event, i, slot.path, self._attempt_of(slot.key), payload, error)]
             )
         results[branch.name] = value
         self.state.branch_payloads[slot.path] = payload
@@ -839,9 +832,12 @@ class Driver:
             elif b.branch is not None:
                 value = state.values[b.from_stage][b.branch]
                 path = f"{self.pipeline.stages[b.from_stage].name}.{b.branch}"
-                if isinstance(value, Failed):
-                    pass  # a continue_on_error branch that failed: handed over as it is
-                elif b.convert is not None and state.branch_payloads.get(path) is not None:
+                # A Failed (a continue_on_error branch that failed) is handed over as it is.
+                if (
+                    b.convert is not None
+                    and not isinstance(value, Failed)
+                    and state.branch_payloads.get(path) is not None
+                ):
                     value = codec.decode(state.branch_payloads[path] or "null", b.convert)
             elif isinstance(state.values[b.from_stage], Failed):
                 value = state.values[b.from_stage]
