@@ -12,7 +12,7 @@ and the next write's building). The first and last segments are the run's own: `
 until the `Create` write, and the last result until `start` returns.
 
 The wrapping costs about a microsecond per point; the run is measured alone, so nothing
-else competes for the loop. It reads private names of the store (`_Writer`, `_settle`):
+else competes for the loop. It reads private names of the store (`_Writer`, `_settle`, `_settle_results`):
 a diagnostic, kept beside the benchmarks so that the figures in README.md can be re-made.
 """
 
@@ -40,7 +40,8 @@ def instrument(events: list[Event]) -> None:
     """Timestamp the store's hand-offs into `events` (for this process only)."""
     clock = time.perf_counter
     writer = store_sqlite._Writer
-    submit, commit, settle = writer.submit, writer._commit, store_sqlite._settle
+    submit, commit = writer.submit, writer._commit
+    settle, settle_results = store_sqlite._settle, store_sqlite._settle_results
 
     def timed_submit(self: Any, op: Any) -> Any:
         events.append((f"write {type(op).__name__}", clock()))
@@ -55,9 +56,14 @@ def instrument(events: list[Event]) -> None:
         events.append(("result in the loop", clock()))
         settle(items)
 
+    def timed_settle_results(batch: Any, results: Any) -> None:  # a committed batch's way
+        events.append(("result in the loop", clock()))
+        settle_results(batch, results)
+
     writer.submit = timed_submit  # type: ignore[method-assign]
     writer._commit = timed_commit  # type: ignore[method-assign]
     store_sqlite._settle = timed_settle
+    store_sqlite._settle_results = timed_settle_results
 
 
 async def measure(path: str, runs: int) -> list[list[Event]]:
