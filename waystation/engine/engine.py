@@ -606,37 +606,39 @@ class Engine:
         )
         driver.task = task
         self._runs.add(task)
-        task.add_done_callback(self._ran)
-
-    def _ran(self, task: asyncio.Task[None]) -> None:
-        self._runs.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s stopped by an internal error", task.get_name(), exc_info=task.exception())
 
     async def _drive(self, driver: Driver) -> None:
+        # What a done-callback did (one more loop handle per run), in the task itself.
         try:
-            await driver.drive()
-            final = driver.final
-            if final is not None and final.status == "failed":
-                await self._failed(final, final.updated_at)
-            if final is not None and final.depth and final.status in TERMINAL:
-                await self._wake_ancestors(final)
+            try:
+                await driver.drive()
+                final = driver.final
+                if final is not None and final.status == "failed":
+                    await self._failed(final, final.updated_at)
+                if final is not None and final.depth and final.status in TERMINAL:
+                    await self._wake_ancestors(final)
+            finally:
+                if self._active.get(driver.run_id) is driver:
+                    del self._active[driver.run_id]
+                if driver.stranded:
+                    self._stranded.add(driver.run_id)
+                if driver.unloadable:
+                    self._unloadable.add(driver.run_id)
+                state = driver.state
+                if state.depth == 0 and driver.outcome in ("succeeded", "failed", "cancelled"):
+                    self.children.forget(state.run_id)
+                    if (
+                        driver.outcome == "succeeded"
+                        and self.workspace_policy == "remove_on_success"
+                        and state.run_id in self.children.workspaces
+                    ):
+                        await anyio.to_thread.run_sync(self.children.clean_workspace, state.run_id)
+        except Exception:
+            log.error(
+                "run %s: its driver stopped by an internal error", driver.run_id, exc_info=True
+            )
         finally:
-            if self._active.get(driver.run_id) is driver:
-                del self._active[driver.run_id]
-            if driver.stranded:
-                self._stranded.add(driver.run_id)
-            if driver.unloadable:
-                self._unloadable.add(driver.run_id)
-            state = driver.state
-            if state.depth == 0 and driver.outcome in ("succeeded", "failed", "cancelled"):
-                self.children.forget(state.run_id)
-                if (
-                    driver.outcome == "succeeded"
-                    and self.workspace_policy == "remove_on_success"
-                    and state.run_id in self.children.workspaces
-                ):
-                    await anyio.to_thread.run_sync(self.children.clean_workspace, state.run_id)
+            self._runs.discard(driver.task)
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run pauses, succeeds, fails or is cancelled; returns it then.
