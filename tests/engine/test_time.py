@@ -799,3 +799,80 @@ async def test_a_gate_keeps_its_expiry_when_its_group_is_entered_again(db: Path)
         done = await _settled(engine, run.run_id)
     assert done.status == "failed" and done.error is not None
     assert done.error.type == "waystation.errors.PauseExpired"
+
+
+@ws.stage
+async def asks_slowly(ctx: ws.StageContext) -> bool:
+    return bool(await ctx.run_child(asks_then_waits, {}))
+
+
+child_may_finish: dict[str, anyio.Event] = {}  # made by the test, in its event loop
+
+
+@ws.stage
+async def waits(child_ok: bool) -> bool:
+    await child_may_finish["event"].wait()
+    return child_ok
+
+
+asks_then_waits = ws.Pipeline("asks-then-waits", [ws.gate("child_ok", schema=bool), waits])
+
+
+async def test_a_run_woken_by_a_childs_answer_elsewhere_is_not_parked_until_its_expiry(
+    db: Path,
+) -> None:
+    """A group waits on its own gate (expiring after a day) and on a child's gate. A process
+    without the pipelines (a web handler) answers the child: the run is taken out of its
+    pause, for a worker to take in the answer. Before, it kept its pause's expiry as its
+    wake-up time, so no worker took it until the day was over, when its gate, unanswerable
+    meanwhile, failed it."""
+    gate = ws.gate("approval", schema=bool, expires_after=DAY)
+    parent = ws.Pipeline("woken-elsewhere", [ws.parallel(gate, asks_in_branch, name="both")])
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(
+        db, pipelines=[parent, asks_child], clock=clock, poll_interval=0.05
+    ) as worker:
+        run = await worker.start(parent)
+        (child_pause,) = [p for p in run.pauses if p.kind == "child_ok"]
+        async with ws.Engine.open(db, recover=False) as web:
+            await web.resume(run.run_id, True, pause_id=child_pause.pause_id, wait=False)
+        again = await _until(worker, run.run_id, "paused")
+        with anyio.fail_after(10):
+            while len(again.pauses) != 1:  # the worker took the child's answer in
+                await anyio.sleep(0.01)
+                again = await worker.get(run.run_id)
+        assert [p.expires_at for p in again.pauses] == [DAY]  # its first expiry still
+        await worker.resume(run.run_id, True, pause_id=again.pauses[0].pause_id)
+        done = await _settled(worker, run.run_id)
+    assert done.status == "succeeded", done.error
+    assert done.output == {"approval": True, "asks_in_branch": True}
+
+
+async def test_a_run_left_while_waiting_on_an_answered_child_is_recovered(db: Path) -> None:
+    """The same run, woken in the worker itself: it waits for the answered child, and the
+    worker closes meanwhile. The next engine must continue it at once. Before, it kept its
+    pause's expiry as its wake-up time, and recovery left it alone until then."""
+    gate = ws.gate("approval", schema=bool, expires_after=DAY)
+    parent = ws.Pipeline("left-waiting", [ws.parallel(gate, asks_slowly, name="both")])
+    clock = ws.ManualClock(start=0.0)
+    child_may_finish["event"] = anyio.Event()
+    async with ws.Engine.open(db, pipelines=[parent, asks_then_waits], clock=clock) as first:
+        run = await first.start(parent)
+        (child_pause,) = [p for p in run.pauses if p.kind == "child_ok"]
+        await first.resume(run.run_id, True, pause_id=child_pause.pause_id, wait=False)
+        await _until(first, run.run_id, "running")
+        await first.close(grace=0)
+    child_may_finish["event"].set()
+    async with ws.Engine.open(
+        db, pipelines=[parent, asks_then_waits], clock=clock, poll_interval=0.05
+    ) as second:
+        again = await _until(second, run.run_id, "paused")
+        with anyio.fail_after(10):
+            while len(again.pauses) != 1:
+                await anyio.sleep(0.01)
+                again = await second.get(run.run_id)
+        assert [p.expires_at for p in again.pauses] == [DAY]
+        await second.resume(run.run_id, True, pause_id=again.pauses[0].pause_id)
+        done = await _settled(second, run.run_id)
+    assert done.status == "succeeded", done.error
+    assert done.output == {"approval": True, "asks_slowly": True}

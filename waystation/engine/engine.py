@@ -857,7 +857,10 @@ class Engine:
                 self._unloadable.add(parent.run_id)
                 log.error("run %s not continued: %s", parent.run_id, exc)
                 return False
-        values: dict[str, Any] = {"status": "pending", "pause": None}
+        # Its pauses' expiry goes with them (the stage pauses again with what is still
+        # open, gates keeping their first expiry): a wake-up time left behind would park
+        # the run, unclaimed by any worker, until then.
+        values: dict[str, Any] = {"status": "pending", "pause": None, "wake_at": None}
         if p is not None:
             values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
             values["status"] = "running"
@@ -1510,9 +1513,15 @@ class Engine:
     def _abandoned(self, record: RunRecord, now: float) -> bool:
         if record.run_id in self._unloadable:
             return False
-        if record.wake_at is not None and record.wake_at > self.clock.time():
+        if (
+            record.status == "pending"
+            and record.wake_at is not None
+            and record.wake_at > self.clock.time()
+        ):
             # Parked until then (a durable sleep or a scheduled start), on the engine's
-            # clock: a test's ManualClock need not be anywhere near real time.
+            # clock: a test's ManualClock need not be anywhere near real time. Only a
+            # pending run is parked: a running one left with a wake-up time (by earlier
+            # code, which kept a woken run's expiry) is recovered like any other.
             return False
         if record.lease_owner is None or record.lease_expires is None:
             return True
