@@ -118,6 +118,83 @@ async def test_migrate_run_moves_a_paused_run_to_a_new_version(db: Path) -> None
 
 
 @ws.stage
+async def approval_by_code(price: float) -> bool:
+    return True
+
+
+@ws.stage
+async def geo(order: Order) -> str:
+    return "geo ok"
+
+
+@ws.stage
+async def charge_unapproved(price: float) -> str:
+    return f"charged {price}"
+
+
+async def _refused_and_untouched(
+    engine: ws.Engine, run: ws.Run, to: ws.Pipeline, match: str, error: type = ws.PipelineChanged
+) -> None:
+    before = [t.event for t in await engine.history(run.run_id)]
+    with pytest.raises(error, match=match):
+        await engine.migrate_run(run.run_id, to=to)
+    after = await engine.get(run.run_id)
+    assert after.pipeline_version == run.pipeline_version and after.status == run.status
+    assert [t.event for t in await engine.history(run.run_id)] == before
+
+
+async def test_migrate_run_refuses_a_version_whose_reached_stages_differ_in_kind_or_branches(
+    db: Path,
+) -> None:
+    """The stages a run has reached must be the same kinds under the same names in the new
+    version, a group with the same branches. Before, only top-level names were compared:
+    a gate made a plain stage took any answer as the gate's output (a str for a bool, and
+    the run then stuck `running`), and a group with renamed branches dropped the finished
+    branch's result and kept a pause for a gate the new version does not have."""
+    as_code = ws.Pipeline("checkout", [price, ws.Stage(approval_by_code.fn, name="approval")])
+    checks_v1 = ws.Pipeline(
+        "checks", [ws.parallel(geo, ws.gate("ok", schema=bool), name="checks")], version="1"
+    )
+    checks_v2 = ws.Pipeline(
+        "checks",
+        [ws.parallel(ws.Stage(geo.fn, name="geo2"), ws.gate("ok", schema=bool), name="checks")],
+        version="2",
+    )
+    gate_to_stage = ws.Pipeline("checkout", as_code.stages, version="4")
+    async with ws.Engine.open(
+        db, pipelines=[checkout_v1, gate_to_stage, checks_v1, checks_v2]
+    ) as engine:
+        run = await engine.start(checkout_v1, {"order": Order("pen")})
+        await _refused_and_untouched(engine, run, gate_to_stage, "gate approval")
+        grouped = await engine.start(checks_v1, {"order": Order("pen")})
+        assert grouped.status == "paused"
+        await _refused_and_untouched(engine, grouped, checks_v2, r"\[stage geo2, gate ok\]")
+
+
+async def test_migrate_run_needs_the_version_the_run_is_on(db: Path) -> None:
+    """Without it nothing says what the run's rows mean in the new version. Before, the
+    comparison was skipped: a run paused at a gate the new version does not have moved,
+    and its answer was taken as another stage's output."""
+    no_gate = ws.Pipeline(
+        "checkout", [price, ws.Stage(charge_unapproved.fn, name="charge")], version="5"
+    )
+    async with ws.Engine.open(db, pipelines=[checkout_v1]) as engine:
+        run = await engine.start(checkout_v1, {"order": Order("pen")})
+    async with ws.Engine.open(db, pipelines=[no_gate]) as engine:
+        await _refused_and_untouched(engine, run, no_gate, "without the version it is on")
+
+
+async def test_migrate_run_refuses_a_succeeded_run(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[checkout_v1, checkout_v2]) as engine:
+        run = await engine.start(checkout_v1, {"order": Order("pen")})
+        done = await engine.resume(run.run_id, True)
+        assert done.status == "succeeded"
+        await _refused_and_untouched(
+            engine, done, checkout_v2, "is succeeded", error=ws.InvalidRunState
+        )
+
+
+@ws.stage
 async def slow_step(n: int) -> int:
     await anyio.sleep(0.3)
     return n

@@ -57,6 +57,7 @@ from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
 from .pipeline import CHILD_KEYS, Pipeline
 from .plan import Plan, make_plan
 from .runner import Driver, RunState, expiry_of
+from .stage import Stage
 from .timers import Timers
 from .tracing import Tracing
 
@@ -101,6 +102,15 @@ def _handed_on(p: Pipeline, i: int, path: str | None) -> bool:
     if target is stage and path not in (None, stage.name):
         return False  # a branch this version of the pipeline does not have
     return target.continue_on_error
+
+
+def _layout(stage: Stage) -> str:
+    """A stage as `migrate_run` compares it: its kind and name, and a group's branches
+    (the journal's rows name them, and a gate's pause is answered by its kind)."""
+    out = f"{stage.kind} {stage.name}"
+    if stage.group is not None:
+        out += f" [{', '.join(_layout(b) for b in stage.group.branches)}]"
+    return out
 
 
 def _check_id(run_id: object) -> None:
@@ -1053,33 +1063,42 @@ class Engine:
         """Move a run that is not running (paused, failed, cancelled, pending) to another
         registered version of its pipeline, explicitly.
 
-        Refused (`PipelineChanged`, the run left as it was) unless `to` has the same name,
-        the stages the run has passed have the same names at the same places in `to`, and
-        their stored outputs (and the input) decode under `to`'s types. The journal records
-        a `migrated` row; later resumes, retries and recoveries use `to`.
+        Refused (`PipelineChanged`, the run left as it was) unless the version the run is
+        on is registered too, `to` has the same name, the stages the run has reached are
+        the same kinds under the same names at the same places in `to` (a parallel group
+        with the same branches), and their stored outputs (and the input) decode under
+        `to`'s types. The journal records a `migrated` row; later resumes, retries and
+        recoveries use `to`.
         """
         self._check_open()
         record = await self._record(run_id)
         target = self._resolve(to)
-        if record.status == "running":
-            raise InvalidRunState(f"run {run_id} is running; migrate it while it is not")
+        if record.status in ("running", "succeeded"):
+            raise InvalidRunState(
+                f"run {run_id} is {record.status}; only a paused, failed, cancelled or "
+                "pending run can be migrated"
+            )
         if target.name != record.pipeline:
             raise PipelineChanged(
                 f"run {run_id} belongs to pipeline {record.pipeline!r}, not {target.name!r}"
             )
         try:
-            current: Pipeline | None = self._pipeline_of(record)
-        except WaystationError:
-            current = None
-        if current is not None:
-            passed = [s.name for s in current.stages[: record.stage_index + 1]]
-            theirs = [s.name for s in target.stages[: len(passed)]]
-            if passed != theirs:
-                raise PipelineChanged(
-                    f"run {run_id} cannot move to {target.name!r} version {target.version!r}: "
-                    f"the stages it has reached ({', '.join(passed)}) are "
-                    f"{', '.join(theirs) or 'missing'} there"
-                )
+            current = self._pipeline_of(record)
+        except WaystationError as exc:
+            # Without the version it is on, nothing says what its journal's rows (a
+            # gate's pause, a branch's result) mean in `target`.
+            raise PipelineChanged(
+                f"run {run_id} cannot be migrated without the version it is on, to compare "
+                f"it with {target.version!r}: {exc}"
+            ) from None
+        passed = [_layout(s) for s in current.stages[: record.stage_index + 1]]
+        theirs = [_layout(s) for s in target.stages[: len(passed)]]
+        if passed != theirs:
+            raise PipelineChanged(
+                f"run {run_id} cannot move to {target.name!r} version {target.version!r}: "
+                f"the stages it has reached ({', '.join(passed)}) are "
+                f"{', '.join(theirs) or 'missing'} there"
+            )
         moved = msgspec.structs.replace(
             record, pipeline_version=target.version, fingerprint=target.fingerprint
         )
