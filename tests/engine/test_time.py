@@ -132,6 +132,20 @@ async def test_a_run_scheduled_for_later_starts_then(db: Path) -> None:
     assert done.status == "succeeded" and done.output == "done 1"
 
 
+@pytest.mark.parametrize(
+    "when", [float("nan"), float("inf"), True, "2030-01-01", 1_800_000_000_000, 10**30]
+)
+async def test_a_start_time_that_is_not_one_is_refused(db: Path, when: Any) -> None:
+    """Before, NaN and True started the run at once, infinity parked it for ever, a time in
+    milliseconds parked it for 50,000 years, and a string or a huge int raised a bare
+    TypeError or OverflowError."""
+    pipe = ws.Pipeline("later", [prepare, finish])
+    async with ws.Engine.open(db, pipelines=[pipe]) as engine:
+        with pytest.raises(ws.InvalidInput, match="not_before must be a datetime or a Unix"):
+            await engine.submit(pipe, {"n": 0}, not_before=when)
+        assert await engine.list() == []
+
+
 class Approval(msgspec.Struct):
     approved: bool
 

@@ -104,6 +104,17 @@ def _handed_on(p: Pipeline, i: int, path: str | None) -> bool:
     return target.continue_on_error
 
 
+def _not_before(value: object) -> float:
+    """`submit`'s `not_before` as a Unix time, or `InvalidInput` naming what it got."""
+    if isinstance(value, datetime):
+        return value.timestamp()
+    # Below 1e11 s (the year 5138): NaN and infinities are refused, and so is a time in
+    # milliseconds, which would park the run for 50,000 years.
+    if isinstance(value, int | float) and not isinstance(value, bool) and abs(value) < 1e11:
+        return float(value)
+    raise InvalidInput(f"not_before must be a datetime or a Unix time in seconds, not {value!r}")
+
+
 def _layout(stage: Stage) -> str:
     """A stage as `migrate_run` compares it: its kind and name, and a group's branches
     (the journal's rows name them, and a gate's pause is answered by its kind)."""
@@ -526,7 +537,7 @@ class Engine:
         rid = run_id or new_run_id()
         wake_at = None
         if not_before is not None:
-            wake_at = not_before.timestamp() if isinstance(not_before, datetime) else not_before
+            wake_at = _not_before(not_before)
             if wake_at <= self.clock.time():
                 wake_at = None
         here = wake_at is None and drive
