@@ -87,6 +87,31 @@ async def test_prune_deletes_finished_runs_and_journals(db: Path) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
+@ws.stage
+async def leaves_a_file(name: str, ctx: ws.StageContext) -> str:
+    before = sorted(p.name for p in ctx.workspace.iterdir())
+    (ctx.workspace / name).write_text("scratch")
+    if name == "first.txt":
+        raise ValueError("fails after writing")
+    return ",".join(before)
+
+
+scratch = ws.Pipeline("scratch", [leaves_a_file])
+
+
+async def test_prune_removes_the_workspaces_of_the_runs_it_deletes(db: Path) -> None:
+    """A failed run's workspace is kept for looking into; pruning the run removes it. Before,
+    it stayed on disk for ever, and a run given the same id found its files."""
+    async with ws.Engine.open(db, pipelines=[scratch]) as engine:
+        failed = await engine.start(scratch, {"name": "first.txt"}, run_id="job-7")
+        assert failed.status == "failed"
+        assert (engine.workspace_root / "job-7" / "first.txt").exists()
+        assert await engine.prune(older_than=0, status=("failed",)) == 1
+        assert not (engine.workspace_root / "job-7").exists()
+        again = await engine.start(scratch, {"name": "second.txt"}, run_id="job-7")
+    assert again.status == "succeeded" and again.output == ""  # nothing left from before
+
+
 class Flaky:
     """A switch the tests flip to 'fix the bug' between a failed run and its retry/replay."""
 

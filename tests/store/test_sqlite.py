@@ -306,7 +306,7 @@ async def test_a_run_ending_with_open_children_is_recorded_for_their_cancelling(
         await store.update_run("paused_parent", Guard(("paused",)), [], {"status": "cancelled"})
         assert [r for r, _ in await store.open_cascades(2e9)] == ["paused_parent"]
         await store.update_run("kid2", Guard(("running",)), [], {"status": "cancelled"})
-        assert await store.prune(2e9, ("succeeded", "cancelled")) > 0
+        assert (await store.prune(2e9, ("succeeded", "cancelled"))).deleted > 0
         assert await store.get_run("paused_parent") is None
         assert await store.open_cascades(2e9) == []
     finally:
@@ -350,7 +350,7 @@ async def test_a_runs_input_is_kept_apart_from_its_row(db: Path) -> None:
                 0,
             )
             assert conn.execute("SELECT COUNT(*) FROM run_inputs").fetchone() == (301,)
-        assert await store.prune(2e9, ("succeeded",)) == 1
+        assert (await store.prune(2e9, ("succeeded",))).deleted == 1
         with sqlite3.connect(db) as conn:
             assert conn.execute("SELECT COUNT(*) FROM run_inputs").fetchone() == (300,)
             # An input row whose run is gone (left by hand, say) never shows under a new run.
@@ -360,5 +360,44 @@ async def test_a_runs_input_is_kept_apart_from_its_row(db: Path) -> None:
         )
         assert created and fresh.input is None
         assert (await store.get_run("gone")).input is None  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+async def test_prune_pages_through_runs_and_deletes_only_whole_finished_trees(db: Path) -> None:
+    """Prune looks at a page of runs at a time (a read), and deletes, in the write
+    transaction, the trees whose every run is finished: a root whose child is still
+    running stays, and so does a run that is not finished."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        done = {"status": "succeeded", "lease_owner": None}
+        for run_id in ("a1", "a2", "a3", "b_open", "c_paused", "d1", "d2"):
+            await store.create_run(new_run(run_id))
+        for run_id in ("a1", "a2", "a3", "b_open", "d1", "d2"):
+            await store.update_run(run_id, Guard(("running",)), [], done)
+        await store.update_run("c_paused", Guard(("running",)), [], {"status": "paused"})
+        kid = msgspec.structs.replace(new_run("kid", parent_run_id="b_open"), root_run_id="b_open")
+        await store.create_run(kid)  # still running: its tree stays whole
+        finished_kid = msgspec.structs.replace(
+            new_run("kid_done", parent_run_id="d1"), root_run_id="d1"
+        )
+        await store.create_run(finished_kid)
+        await store.update_run("kid_done", Guard(("running",)), [], done)
+
+        pages, deleted, roots, after = 0, 0, [], None
+        while True:
+            page = await store.prune(2e9, ("succeeded",), after=after, limit=3)
+            pages += 1
+            deleted += page.deleted
+            roots += page.roots
+            if page.last is None:
+                break
+            after = page.last
+        assert pages == 3  # 9 runs, 3 a page; d1's child went with d1, so the third is short
+        assert sorted(roots) == ["a1", "a2", "a3", "d1", "d2"]
+        assert deleted == 6  # d1's child with it
+        left = sorted(r.run_id for r in await store.list_runs(limit=100))
+        assert left == ["b_open", "c_paused", "kid"]
     finally:
         await store.close()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Mapping, Sequence
@@ -1489,7 +1490,8 @@ class Engine:
         timedelta), with their journals; returns how many runs were deleted.
 
         A tree of runs (a root and its children) goes only as a whole, once every run in it
-        has one of `status`. A run id used again after pruning starts a fresh run.
+        has one of `status`, and its workspace with it. A run id used again after pruning
+        starts a fresh run.
         """
         self._check_open()
         seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
@@ -1498,11 +1500,22 @@ class Engine:
             raise InvalidRunState(f"only finished runs can be pruned, not {sorted(unknown)}")
         cutoff = time.time() - float(seconds)
         total = 0
+        after: str | None = None
         while True:
-            deleted = await self.store.prune(cutoff, tuple(status))
-            total += deleted
-            if deleted == 0:
+            page = await self.store.prune(cutoff, tuple(status), after=after)
+            total += page.deleted
+            if page.roots and self.workspace_root.exists():
+                # A workspace goes with its runs (a child's lies beneath its root's): left
+                # behind, it was kept for ever, and a run given the id again found it.
+                await anyio.to_thread.run_sync(self._remove_workspaces, page.roots)
+            if page.last is None:
                 return total
+            after = page.last
+
+    def _remove_workspaces(self, roots: builtins.list[str]) -> None:
+        for root in roots:
+            self.children.workspaces.discard(root)
+            shutil.rmtree(self.workspace_root / root, ignore_errors=True)
 
     # -- leases and recovery -----------------------------------------------------------------
 

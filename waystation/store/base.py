@@ -132,6 +132,17 @@ class NewRun(msgspec.Struct):
     transitions: list[NewTransition] = msgspec.field(default_factory=list)
 
 
+class PrunePage(NamedTuple):
+    """One step of `Store.prune`."""
+
+    deleted: int
+    """Runs deleted (roots and their children)."""
+    roots: list[str]
+    """The roots whose trees were deleted."""
+    last: str | None
+    """The last run looked at (the `after` of the next step); None: nothing more to see."""
+
+
 class Store(Protocol):
     """Durable storage of runs and their journals."""
 
@@ -279,6 +290,15 @@ class Store(Protocol):
         """Forget the run's entry in `open_cascades` (only if recorded at or before `upto`,
         when given: an entry from a later ending stays)."""
 
-    async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
-        """Delete up to `limit` whole trees whose runs all have one of `statuses` and were
-        all last updated before `before`; returns the number of runs deleted."""
+    async def prune(
+        self,
+        before: float,
+        statuses: tuple[str, ...],
+        *,
+        after: str | None = None,
+        limit: int = 2000,
+    ) -> PrunePage:
+        """Look at the next `limit` runs (ids after `after`, in id order) for roots that
+        have one of `statuses` and were last updated before `before`, and delete the trees
+        of those whose whole tree does (every run of it). The looking is a read: only the
+        deletes hold the write lock."""

@@ -32,6 +32,7 @@ from .base import (
     Guard,
     NewRun,
     NewTransition,
+    PrunePage,
     RunRecord,
     TransitionRecord,
 )
@@ -614,9 +615,31 @@ class SQLiteStore:
             sql, params = "DELETE FROM cascades WHERE run_id = ? AND since <= ?", (run_id, upto)
         await self._write(lambda conn, rows: conn.execute(sql, params).rowcount)
 
-    async def prune(self, before: float, statuses: tuple[str, ...], limit: int = 500) -> int:
-        count: int = await self._write(lambda conn, rows: _prune(conn, before, statuses, limit))
-        return count
+    async def prune(
+        self,
+        before: float,
+        statuses: tuple[str, ...],
+        *,
+        after: str | None = None,
+        limit: int = 2000,
+    ) -> PrunePage:
+        # Candidates are found on the reader, a page of `runs` at a time: a scan of the
+        # table under the write lock held every stage commit back (0.4 s per step with 1M
+        # runs, a review measured), and a page keeps each read short for other readers.
+        marks = ", ".join("?" * len(statuses))
+        rows = await self._read(
+            f"SELECT run_id, root_run_id = run_id AND status IN ({marks}) AND updated_at < ? "
+            "FROM runs WHERE run_id > ? ORDER BY run_id LIMIT ?",
+            (*statuses, before, after or "", limit),
+        )
+        last = rows[-1][0] if len(rows) == limit else None
+        candidates = [r[0] for r in rows if r[1]]
+        if not candidates:
+            return PrunePage(0, [], last)
+        deleted, roots = await self._write(
+            lambda conn, rows: _prune(conn, candidates, before, statuses)
+        )
+        return PrunePage(deleted, roots, last)
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -776,20 +799,27 @@ class SQLiteStore:
         return [_run(r) for r in rows]
 
 
-def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], limit: int) -> int:
+def _prune(
+    conn: sqlite3.Connection, candidates: list[str], before: float, statuses: tuple[str, ...]
+) -> tuple[int, list[str]]:
+    """Delete the trees of those `candidates` (roots) whose every run has one of
+    `statuses` and was last updated before `before`, checked again here, in the write
+    transaction: a child may have been launched since the candidates were read."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS prune_roots (run_id TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM prune_roots")
+    conn.executemany("INSERT INTO prune_roots VALUES (?)", [(r,) for r in candidates])
     marks = ", ".join("?" * len(statuses))
     roots = [
         r[0]
         for r in conn.execute(
-            "SELECT root_run_id FROM runs GROUP BY root_run_id "
-            f"HAVING MAX(updated_at) < ? AND SUM(status NOT IN ({marks})) = 0 LIMIT ?",
-            (before, *statuses, limit),
+            "SELECT root_run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots) "
+            f"GROUP BY root_run_id HAVING MAX(updated_at) < ? AND SUM(status NOT IN ({marks})) = 0",
+            (before, *statuses),
         )
     ]
-    if not roots:
-        return 0
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS prune_roots (run_id TEXT PRIMARY KEY)")
     conn.execute("DELETE FROM prune_roots")
+    if not roots:
+        return 0, []
     conn.executemany("INSERT INTO prune_roots VALUES (?)", [(r,) for r in roots])
     conn.execute(
         "DELETE FROM transitions WHERE run_id IN "
@@ -802,4 +832,4 @@ def _prune(conn: sqlite3.Connection, before: float, statuses: tuple[str, ...], l
             "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
         )
     cur = conn.execute("DELETE FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
-    return cur.rowcount
+    return cur.rowcount, roots
