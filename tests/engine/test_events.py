@@ -168,6 +168,46 @@ class SignallingStore(ws.SQLiteStore):
         return rows
 
 
+@pytest.mark.parametrize("by", ["run_id", "everything"])
+async def test_a_run_id_used_again_after_a_prune_is_streamed_as_a_new_run(
+    db: Path, by: str
+) -> None:
+    """A pruned run's id may start a fresh run, numbered from 1 again. Before, a live
+    subscriber took its rows for rows already delivered and dropped them (a run follower
+    for ever, the all-runs one for five minutes)."""
+    filters: dict[str, Any] = {"run_id": {"run_id": "job-1"}, "everything": {}}[by]
+
+    def second_done(got: list[ws.Transition]) -> bool:
+        return sum(t.run_id == "job-1" and t.event == "completed" for t in got) == 2
+
+    got: list[ws.Transition] = []
+    first_streamed = anyio.Event()
+    async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
+        stream = subscribe(engine, since=time.time(), poll_interval=0.01, **filters)
+
+        async def listen() -> None:
+            async with contextlib.aclosing(stream) as events:
+                async for t in events:
+                    got.append(t)
+                    if completed("job-1")(got):
+                        first_streamed.set()
+                    if second_done(got):
+                        return
+
+        with anyio.fail_after(LIMIT):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listen)
+                first = await engine.start(steps, {"n": 1}, run_id="job-1")
+                await first_streamed.wait()  # streamed before it goes
+                assert await engine.prune(older_than=0) == 1
+                second = await engine.start(steps, {"n": 10}, run_id="job-1")
+        history = await engine.history("job-1")
+    assert first.output != second.output
+    mine = [t for t in got if t.run_id == "job-1"]
+    assert [t.seq for t in mine] == [t.seq for t in history] * 2
+    assert mine[len(history) :] == history
+
+
 # -- one run -----------------------------------------------------------------------------------
 
 

@@ -5,14 +5,17 @@ by other processes exactly as those of its own. Two ways of following the journa
 
 - One run (`run_id=`): by sequence number. A run's journal rows are numbered 1, 2, 3, ...
   without gaps, in commit order, so polling `seq > last` is exact: nothing is missed,
-  nothing comes twice, whatever the clocks do.
+  nothing comes twice, whatever the clocks do. The row delivered last is read again with
+  each poll: if it is gone, the run was pruned, and a run started again under its id is
+  followed from its first row.
 - A tree (`root_run_id=`) or every run: by commit time, with the cursor (at, run_id, seq)
   over the `transitions_at` index. Commits are serialized by SQLite and each stamps its rows
   after it took the write lock, so commit-time order is commit order as long as the wall
   clock does not go backwards. For safety each poll reads again a window (`lookback`)
   behind the cursor, and rows are de-duplicated per run by sequence number; a run's rows
   are also delivered without gaps once one of them has been seen (a missing row is fetched
-  by sequence number before the later one is delivered).
+  by sequence number before the later one is delivered). A `created` row of a run id
+  already seen, with another time, is a new run under a pruned run's id.
 
 No task is started: the generator polls in the consumer's task, so leaving the `async for`
 (or cancelling the consumer) ends it on the spot.
@@ -207,6 +210,9 @@ class _RunFollower(_Follower):
         self.min_at = min_at
         self.last = after_seq or 0
         self.after_seq = after_seq
+        self.last_at: float | None = None
+        """The time of the row delivered last (None before any): a row of that seq with
+        another time means the run was pruned and its id used again."""
 
     async def start(self) -> None:
         if self.after_seq is None:
@@ -221,9 +227,16 @@ class _RunFollower(_Follower):
                 self.finished = True
                 return []
             self.root_run_id = None  # checked once: a run never changes trees
-        rows = await self.store.history(self.run_id, after_seq=self.last)
+        if self.last_at is None:
+            rows = await self.store.history(self.run_id, after_seq=self.last)
+        else:  # read the last delivered row again: is it still there?
+            rows = await self.store.history(self.run_id, after_seq=self.last - 1)
+            if rows and rows[0].seq == self.last and rows[0].at == self.last_at:
+                del rows[0]
+            else:  # pruned (and maybe started again under its id): a fresh run from 1
+                rows = await self.store.history(self.run_id, after_seq=0)
         if rows:
-            self.last = rows[-1].seq
+            self.last, self.last_at = rows[-1].seq, rows[-1].at
         return rows
 
     async def settled(self) -> bool:
@@ -249,6 +262,9 @@ class _JournalFollower(_Follower):
         self.known: dict[str, tuple[int, float]] = {}
         """run_id -> (last seq delivered or present before the stream, its time), in the
         order last touched (a dict keeps insertion order; touching re-inserts)."""
+        self.created_at: dict[str, float] = {}
+        """run_id -> the time of its `created` row, for the runs in `known` whose row was
+        seen: a `created` row of another time is a new run under a pruned run's id."""
         self.min_at = 0.0
         """Never deliver a row stamped before this."""
         self.cursor_at = 0.0
@@ -280,7 +296,16 @@ class _JournalFollower(_Follower):
                 return
             after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
 
+    def _new_run(self, created: TransitionRecord, last_at: float) -> bool:
+        """Is this `created` row, of a run id already seen, another run's (the first was
+        pruned)? Another time than its first `created` row had, or, if that one was not
+        seen, a time after the run's last row."""
+        first = self.created_at.get(created.run_id)
+        return created.at != first if first is not None else created.at > last_at
+
     def _remember(self, r: TransitionRecord) -> None:
+        if r.event == "created":
+            self.created_at[r.run_id] = r.at
         previous = self.known.pop(r.run_id, None)
         seq = r.seq if previous is None else max(previous[0], r.seq)
         self.known[r.run_id] = (seq, r.at)
@@ -309,6 +334,10 @@ class _JournalFollower(_Follower):
             )
             for r in rows:
                 known = self.known.get(r.run_id)
+                if known is not None and r.event == "created" and self._new_run(r, known[1]):
+                    # A run id used again after its run was pruned: a new run, from 1.
+                    del self.known[r.run_id]
+                    known = None
                 if known is not None:
                     if r.seq <= known[0]:
                         if r.at > self.cursor_at:
@@ -339,6 +368,7 @@ class _JournalFollower(_Follower):
             if at >= before:
                 return
             del self.known[run_id]
+            self.created_at.pop(run_id, None)
 
     async def settled(self) -> bool:
         assert self.root_run_id is not None
