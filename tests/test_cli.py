@@ -50,6 +50,8 @@ approval = ws.gate("approval", schema=Decision, reason="approve this expense?")
 
 @ws.stage
 def pay(check: float, approval: Decision) -> str:
+    if approval.by == "nobody":
+        raise ValueError("nobody may approve")
     return f"paid {check} (approved by {approval.by})" if approval.approved else "rejected"
 
 
@@ -302,6 +304,23 @@ def test_resume_with_app_continues_the_run_in_that_process(
     again = cli("resume", run.run_id, "--input", answer, "--app", f"{APP_MODULE}:expenses")
     assert again.returncode == 1
     assert again.stderr.startswith(f"error: run {run.run_id} is succeeded, not paused")
+
+
+def test_resume_with_app_exits_with_the_status_the_run_settled_in(
+    cli: Cli, db: Path, app: ModuleType
+) -> None:
+    """As `start --wait`: 1 when the run failed after the answer (a script must not carry
+    on). Before, resume exited 0 whatever became of the run."""
+    answer = json.dumps({"approved": True, "by": "nobody"})
+    app_spec = f"{APP_MODULE}:pipelines"
+    run = start(db, app)
+    out = cli("resume", run.run_id, "--input", answer, "--app", app_spec)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "failed at stage 'pay'" in out.stdout
+    run = start(db, app)
+    out = cli("resume", run.run_id, "--input", answer, "--app", app_spec, "--json")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert json.loads(out.stdout)["status"] == "failed"
 
 
 def test_resume_reads_the_answer_from_stdin_and_prints_json(

@@ -721,17 +721,21 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run = asyncio.run(
         _resume(path, app, pipelines, args.run_id, value, args.pause_id, args.timeout)
     )
+    # As `start --wait`: the status the run settled in (a failure or a new pause is not
+    # a success for a script), but for an answer only recorded for a worker to act on.
+    recorded = app is None and not run.done and run.status != "paused"
+    status = EXIT_OK if recorded else _exit_status(run)
     if args.json:
         _print_json(run)
-        return EXIT_OK
-    if app is None and not run.done and run.status != "paused":
+        return status
+    if recorded:
         print(
             f"run {run.run_id} {run.status}: the answer is recorded; a worker engine with "
             f"pipeline {run.pipeline!r} version {run.pipeline_version!r} continues the run"
         )
-        return EXIT_OK
+        return status
     print("\n".join(_outcome(run, again=True)))
-    return EXIT_OK
+    return status
 
 
 # -- start --------------------------------------------------------------------------------------
