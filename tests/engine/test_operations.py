@@ -188,3 +188,29 @@ async def test_replay_reuses_outputs_before_the_failed_stage(db: Path) -> None:
             await engine.replay(replay.run_id)
         with pytest.raises(ws.InvalidInput, match="no stage"):
             await engine.replay(replay.run_id, from_stage="nope")
+
+
+async def test_list_newest_first_pages_from_the_newest_run(db: Path) -> None:
+    async with ws.Engine.open(db, pipelines=[flow]) as engine:
+        ids = [(await engine.start(flow, {"amount": n})).run_id for n in range(5)]
+        first = await engine.list(newest_first=True, limit=2)
+        assert [r.run_id for r in first] == ids[:2:-1]
+        more = await engine.list(newest_first=True, limit=10, after=first[-1].run_id)
+        assert [r.run_id for r in more] == ids[2::-1]
+        assert [r.run_id for r in await engine.list(limit=2)] == ids[:2]
+
+
+async def test_an_engine_that_only_reads_closes_while_another_process_writes(db: Path) -> None:
+    """An engine with no pipeline and no recovery holds no lease, so closing it writes
+    nothing. Before, it released leases, a write transaction that waited for the write
+    lock of a busy database (the CLI's `runs` took 7 s beside a long write)."""
+    async with ws.Engine.open(db, pipelines=[flow]) as engine:
+        run = await engine.start(flow, {"amount": 1})
+    with sqlite3.connect(db, isolation_level=None) as writer:
+        writer.execute("BEGIN IMMEDIATE")  # another process in the middle of a write
+        try:
+            with anyio.fail_after(10):  # not a timing assertion: busy_timeout is 30 s
+                async with ws.Engine.open(db, recover=False) as reader:
+                    assert [r.run_id for r in await reader.list()] == [run.run_id]
+        finally:
+            writer.execute("ROLLBACK")

@@ -375,7 +375,11 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._service
         try:
-            await self.store.release_leases(self.owner)
+            # An engine with no pipeline and no recovery (the CLI's reading commands, a
+            # web handler that only answers) never holds a lease: it must not wait for the
+            # write lock of a busy database on its way out (7 s seen, up to busy_timeout).
+            if self._pipelines or self._recover_on_open:
+                await self.store.release_leases(self.owner)
         except StoreError as exc:  # a read-only file, a full disk: the leases just expire
             log.warning("leases not released on close (%s); they expire by themselves", exc)
         finally:
@@ -1328,8 +1332,10 @@ class Engine:
         parent_run_id: str | None = None,
         after: str | None = None,
         limit: int = 100,
+        newest_first: bool = False,
     ) -> builtins.list[Run]:
-        """Runs in creation order, filtered; page with `after=<last run_id>`."""
+        """Runs in creation order, filtered; page with `after=<last run_id>`. With
+        `newest_first`, the newest first (and `after` pages on to older ones)."""
         if status is not None and status not in ALL_STATUSES:
             raise InvalidInput(
                 f"unknown status {status!r}; use one of {', '.join(sorted(ALL_STATUSES))}"
@@ -1340,6 +1346,7 @@ class Engine:
             parent_run_id=parent_run_id,
             after=after,
             limit=limit,
+            newest_first=newest_first,
         )
         return [self._to_run(r) for r in records]
 

@@ -224,8 +224,10 @@ class Store(Protocol):
         parent_run_id: str | None = None,
         after: str | None = None,
         limit: int = 100,
+        newest_first: bool = False,
     ) -> list[RunRecord]:
-        """Runs in run id order (creation order), after `after`, at most `limit`."""
+        """Runs in run id order (creation order), after `after`, at most `limit`; with
+        `newest_first`, in the reverse order, before `after`."""
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         """The run's journal rows after `after_seq`, in order."""

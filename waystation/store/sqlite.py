@@ -663,6 +663,7 @@ class SQLiteStore:
         parent_run_id: str | None = None,
         after: str | None = None,
         limit: int = 100,
+        newest_first: bool = False,
     ) -> list[RunRecord]:
         where: list[str] = []
         params: list[Any] = []
@@ -675,12 +676,13 @@ class SQLiteStore:
                 where.append(f"{column} = ?")
                 params.append(value)
         if after is not None:
-            where.append("run_id > ?")
+            where.append("run_id < ?" if newest_first else "run_id > ?")
             params.append(after)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         params.append(int(limit))
+        order = "run_id DESC" if newest_first else "run_id"
         rows = await self._read(
-            f"SELECT {batched.RUN_FIELDS} FROM runs {clause} ORDER BY run_id LIMIT ?", params
+            f"SELECT {batched.RUN_FIELDS} FROM runs {clause} ORDER BY {order} LIMIT ?", params
         )
         return [_run(r) for r in rows]
 
