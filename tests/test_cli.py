@@ -19,6 +19,7 @@ from types import ModuleType
 import pytest
 
 import waystation as ws
+from tests.processes import wait_until
 from waystation import migrations
 from waystation.cli import _age, timeline
 
@@ -1037,3 +1038,31 @@ def test_plan_bad_usage_exits_2(cli: Cli, args: list[str], message: str) -> None
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.startswith("error: ") and message in out.stderr
     assert out.stdout == ""
+
+
+@ws.stage
+async def before_nap(n: int) -> int:
+    return n
+
+
+napping = ws.Pipeline("napping", [before_nap, ws.sleep_stage("nap", 3600.0)])
+
+
+def test_show_says_a_sleeping_run_sleeps_and_until_when(cli: Cli, db: Path) -> None:
+    """Before, a run parked by a sleep was shown as 'pending: answered'."""
+
+    async def go() -> ws.Run:
+        async with ws.Engine.open(db, pipelines=[napping]) as engine:
+            run = await engine.submit(napping, {"n": 1})
+
+            async def asleep() -> bool:
+                return (await engine.get(run.run_id)).status == "pending"
+
+            await wait_until("the run sleeps", asleep, timeout=10)
+            return run
+
+    run = asyncio.run(go())
+    shown = cli("show", run.run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "sleeping until " in shown.stdout
+    assert "answered" not in shown.stdout

@@ -414,12 +414,23 @@ def _describe(run: Run, path: str) -> list[str]:
     return out
 
 
+def _pending_outcome(history: list[Transition]) -> str:
+    """Why a run is pending at its last stage: asleep until a time, or answered."""
+    last = history[-1] if history else None
+    if last is not None and last.event == "sleeping" and isinstance(last.payload, dict):
+        wake_at = last.payload.get("wake_at")
+        if isinstance(wake_at, int | float):
+            when = datetime.fromtimestamp(wake_at, UTC)
+            return f"sleeping until {_datetime(when)}; an engine that runs timers wakes it"
+    return "pending: answered; a worker engine continues it"
+
+
 def _timeline_lines(run: Run, spans: list[StageSpan], history: list[Transition]) -> list[str]:
     rows = []
     for span in spans:
         outcome = span.outcome
         if outcome == "running" and run.status == "pending" and span is spans[-1]:
-            outcome = "pending: answered; a worker engine continues it"
+            outcome = _pending_outcome(history)
         elif outcome == "paused":
             outcome = f"paused: waiting for {span.pause_kind or 'an answer'}"
         elif outcome == "failed" and span.error is not None:
