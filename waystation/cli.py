@@ -731,9 +731,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         _resume(path, app, pipelines, args.run_id, value, args.pause_id, args.timeout)
     )
     # As `start --wait`: the status the run settled in (a failure or a new pause is not
-    # a success for a script), but for an answer only recorded for a worker to act on.
+    # a success for a script). Without --app the answer is only recorded: that is done.
     recorded = app is None and not run.done and run.status != "paused"
-    status = EXIT_OK if recorded else _exit_status(run)
+    status = EXIT_OK if app is None else _exit_status(run)
     if args.json:
         _print_json(run)
         return status

@@ -171,17 +171,38 @@ async def test_migrate_run_refuses_a_version_whose_reached_stages_differ_in_kind
         await _refused_and_untouched(engine, grouped, checks_v2, r"\[stage geo2, gate ok\]")
 
 
-async def test_migrate_run_needs_the_version_the_run_is_on(db: Path) -> None:
-    """Without it nothing says what the run's rows mean in the new version. Before, the
-    comparison was skipped: a run paused at a gate the new version does not have moved,
+async def test_migrate_run_without_the_runs_version_compares_with_its_journal(
+    db: Path,
+) -> None:
+    """With the version the run is on gone, the comparison uses the stages its journal
+    recorded. Before, it was skipped: a run paused at a gate moved to a version without it,
     and its answer was taken as another stage's output."""
     no_gate = ws.Pipeline(
         "checkout", [price, ws.Stage(charge_unapproved.fn, name="charge")], version="5"
     )
     async with ws.Engine.open(db, pipelines=[checkout_v1]) as engine:
         run = await engine.start(checkout_v1, {"order": Order("pen")})
-    async with ws.Engine.open(db, pipelines=[no_gate]) as engine:
-        await _refused_and_untouched(engine, run, no_gate, "without the version it is on")
+    async with ws.Engine.open(db, pipelines=[no_gate, checkout_v2]) as engine:
+        await _refused_and_untouched(engine, run, no_gate, "gate approval")
+        moved = await engine.migrate_run(run.run_id, to=checkout_v2)  # the same stages
+        assert moved.pipeline_version == "2" and moved.status == "paused"
+        done = await engine.resume(run.run_id, True)
+    assert done.output == "receipt for v2 charged 10.0"
+
+
+async def test_migrate_run_moves_a_run_off_a_version_edited_in_place(db: Path) -> None:
+    """The usual reason to migrate: version 1 was changed without a new version number, so
+    the run cannot continue on it; the edited code, registered as version 2, takes it."""
+    async with ws.Engine.open(db, pipelines=[checkout_v1]) as engine:
+        run = await engine.start(checkout_v1, {"order": Order("pen")})
+    edited = ws.Pipeline("checkout", checkout_v2.stages, version="1")
+    async with ws.Engine.open(db, pipelines=[edited, checkout_v2]) as engine:
+        with pytest.raises(ws.PipelineChanged):
+            await engine.resume(run.run_id, True)
+        moved = await engine.migrate_run(run.run_id, to=checkout_v2)
+        assert moved.pipeline_version == "2"
+        done = await engine.resume(run.run_id, True)
+    assert done.output == "receipt for v2 charged 10.0"
 
 
 async def test_migrate_run_refuses_a_succeeded_run(db: Path) -> None:

@@ -116,6 +116,15 @@ def _not_before(value: object) -> float:
     raise InvalidInput(f"not_before must be a datetime or a Unix time in seconds, not {value!r}")
 
 
+def _flat_layout(stage: Stage) -> builtins.list[str]:
+    """A stage and its branches as `Pipeline.shape` lists them: `kind name` each."""
+    return [f"{part.kind} {part.name}" for part in (stage, *_branches_of(stage))]
+
+
+def _branches_of(stage: Stage) -> tuple[Stage, ...]:
+    return stage.group.branches if stage.group is not None else ()
+
+
 def _layout(stage: Stage) -> str:
     """A stage as `migrate_run` compares it: its kind and name, and a group's branches
     (the journal's rows name them, and a gate's pause is answered by its kind)."""
@@ -1079,11 +1088,12 @@ class Engine:
         """Move a run that is not running (paused, failed, cancelled, pending) to another
         registered version of its pipeline, explicitly.
 
-        Refused (`PipelineChanged`, the run left as it was) unless the version the run is
-        on is registered too, `to` has the same name, the stages the run has reached are
-        the same kinds under the same names at the same places in `to` (a parallel group
-        with the same branches), and their stored outputs (and the input) decode under
-        `to`'s types. The journal records a `migrated` row; later resumes, retries and
+        Refused (`PipelineChanged`, the run left as it was) unless `to` has the same name,
+        the stages the run has reached are the same kinds under the same names at the same
+        places in `to` (a parallel group with the same branches) as in the version it is on
+        (registered, or else as its journal recorded it: a version edited in place is what
+        migrating is for), and their stored outputs (and the input) decode under `to`'s
+        types. The journal records a `migrated` row; later resumes, retries and
         recoveries use `to`.
         """
         self._check_open()
@@ -1098,17 +1108,24 @@ class Engine:
             raise PipelineChanged(
                 f"run {run_id} belongs to pipeline {record.pipeline!r}, not {target.name!r}"
             )
+        reached = record.stage_index + 1
         try:
             current = self._pipeline_of(record)
+            passed = [_layout(s) for s in current.stages[:reached]]
+            theirs = [_layout(s) for s in target.stages[: len(passed)]]
         except WaystationError as exc:
-            # Without the version it is on, nothing says what its journal's rows (a
-            # gate's pause, a branch's result) mean in `target`.
-            raise PipelineChanged(
-                f"run {run_id} cannot be migrated without the version it is on, to compare "
-                f"it with {target.version!r}: {exc}"
-            ) from None
-        passed = [_layout(s) for s in current.stages[: record.stage_index + 1]]
-        theirs = [_layout(s) for s in target.stages[: len(passed)]]
+            # Its version is not registered as it was (gone, or edited in place: the usual
+            # reason to migrate): compare with the stages its journal recorded. Flattened,
+            # a group's branches follow it, so a branch added at the end of the last
+            # reached group is not told apart from the next stage.
+            recorded = await self._recorded_layout(record.run_id)
+            if recorded is None:
+                raise PipelineChanged(
+                    f"run {run_id} cannot be migrated without the version it is on, to "
+                    f"compare it with {target.version!r}: {exc}"
+                ) from None
+            theirs = [part for s in target.stages[:reached] for part in _flat_layout(s)]
+            passed = recorded[: len(theirs)]
         if passed != theirs:
             raise PipelineChanged(
                 f"run {run_id} cannot move to {target.name!r} version {target.version!r}: "
@@ -1127,7 +1144,11 @@ class Engine:
                     "migrated",
                     record.stage_index,
                     payload=codec.encode(
-                        {"from": record.pipeline_version, "to": target.version}
+                        {
+                            "from": record.pipeline_version,
+                            "to": target.version,
+                            "shape": target.shape(),
+                        }
                     ).decode(),
                 )
             ],
@@ -1137,6 +1158,19 @@ class Engine:
             raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
         log.info("run %s moved to %s v%s", run_id, target.name, target.version)
         return await self.get(run_id)
+
+    async def _recorded_layout(self, run_id: str) -> builtins.list[str] | None:
+        """The stages (as `_flat_layout`) of the version the run is on, as its journal
+        recorded them: in its `created` row, or its last `migrated` row."""
+        shape: Any = None
+        for row in await self.store.history(run_id):
+            if row.event in ("created", "migrated") and row.payload is not None:
+                found = codec.decode_any(row.payload)
+                if isinstance(found, dict) and isinstance(found.get("shape"), list):
+                    shape = found["shape"]
+        if shape is None:
+            return None
+        return [" ".join(str(line).split("(", 1)[0].split(":", 1)) for line in shape]
 
     async def _continue(self, p: Pipeline, run_id: str) -> None:
         """Start driving a run we hold the lease of, from its committed state."""
@@ -1586,6 +1620,9 @@ class Engine:
         last_renewal = time.monotonic()
         while True:
             await anyio.sleep(min(self.poll_interval, renew_every))
+            # A run's task leaves `_runs` itself, unless it was cancelled before its first
+            # step (its `finally` never ran): such done tasks are dropped here.
+            self._runs.difference_update([t for t in self._runs if t.done()])
             try:
                 if time.monotonic() - last_renewal >= renew_every:
                     await self.store.renew_leases(self.owner, time.time() + self.lease_ttl)

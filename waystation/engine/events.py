@@ -234,6 +234,7 @@ class _RunFollower(_Follower):
             if rows and rows[0].seq == self.last and rows[0].at == self.last_at:
                 del rows[0]
             else:  # pruned (and maybe started again under its id): a fresh run from 1
+                self.last, self.last_at = 0, None  # one query a poll while it is gone
                 rows = await self.store.history(self.run_id, after_seq=0)
         if rows:
             self.last, self.last_at = rows[-1].seq, rows[-1].at
@@ -296,12 +297,14 @@ class _JournalFollower(_Follower):
                 return
             after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
 
-    def _new_run(self, created: TransitionRecord, last_at: float) -> bool:
+    def _new_run(self, created: TransitionRecord) -> bool:
         """Is this `created` row, of a run id already seen, another run's (the first was
-        pruned)? Another time than its first `created` row had, or, if that one was not
-        seen, a time after the run's last row."""
+        pruned)? Yes if its time is not that of the first run's `created` row."""
         first = self.created_at.get(created.run_id)
-        return created.at != first if first is not None else created.at > last_at
+        # Unseen, its first `created` row may be read late (stamped ahead of a clock set
+        # back): no new run then, at the cost of missing an id used again within minutes
+        # by a stream that began after the first run's start.
+        return first is not None and created.at != first
 
     def _remember(self, r: TransitionRecord) -> None:
         if r.event == "created":
@@ -334,7 +337,7 @@ class _JournalFollower(_Follower):
             )
             for r in rows:
                 known = self.known.get(r.run_id)
-                if known is not None and r.event == "created" and self._new_run(r, known[1]):
+                if known is not None and r.event == "created" and self._new_run(r):
                     # A run id used again after its run was pruned: a new run, from 1.
                     del self.known[r.run_id]
                     known = None
