@@ -55,7 +55,7 @@ from . import events
 from .children import ChildRunner, Limits
 from .clock import Clock, SystemClock
 from .models import Pause, Run, RunTree, StageError, Transition, decode_pauses
-from .pipeline import CHILD_KEYS, Pipeline
+from .pipeline import CHILD_KEYS, Pipeline, _branches
 from .plan import Plan, make_plan
 from .runner import Driver, RunState, expiry_of
 from .stage import Stage
@@ -118,20 +118,15 @@ def _not_before(value: object) -> float:
 
 def _flat_layout(stage: Stage) -> builtins.list[str]:
     """A stage and its branches as `Pipeline.shape` lists them: `kind name` each."""
-    return [f"{part.kind} {part.name}" for part in (stage, *_branches_of(stage))]
-
-
-def _branches_of(stage: Stage) -> tuple[Stage, ...]:
-    return stage.group.branches if stage.group is not None else ()
+    return [f"{part.kind} {part.name}" for part in (stage, *_branches(stage))]
 
 
 def _layout(stage: Stage) -> str:
     """A stage as `migrate_run` compares it: its kind and name, and a group's branches
     (the journal's rows name them, and a gate's pause is answered by its kind)."""
+    branches = _branches(stage)
     out = f"{stage.kind} {stage.name}"
-    if stage.group is not None:
-        out += f" [{', '.join(_layout(b) for b in stage.group.branches)}]"
-    return out
+    return f"{out} [{', '.join(map(_layout, branches))}]" if branches else out
 
 
 def _check_id(run_id: object) -> None:
