@@ -12,8 +12,9 @@ and the next write's building). The first and last segments are the run's own: `
 until the `Create` write, and the last result until `start` returns.
 
 The wrapping costs about a microsecond per point; the run is measured alone, so nothing
-else competes for the loop. It reads private names of the store (`_Writer`, `_settle`, `_settle_results`):
-a diagnostic, kept beside the benchmarks so that the figures in README.md can be re-made.
+else competes for the loop. It reads private names of the store (`_Writer`, `_settle`,
+`_settle_results`): a diagnostic, kept beside the benchmarks so that the figures in
+README.md can be re-made.
 """
 
 from __future__ import annotations
