@@ -471,6 +471,18 @@ def test_missing_database_is_an_error_and_is_not_created(cli: Cli, tmp_path: Pat
     assert not missing.exists()
 
 
+def test_an_empty_file_is_refused_and_left_empty(cli: Cli, tmp_path: Path) -> None:
+    """Before, a reading command on a 0-byte file failed but left a 4 KB WAL database."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    for command in (["runs"], ["show", "x"], ["cancel", "x"]):
+        out = cli(*command, db=empty)
+        assert out.returncode == 1, command
+        assert out.stderr.startswith(f"error: {empty}: an empty file, not a waystation")
+    assert empty.stat().st_size == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
+
+
 def test_a_file_that_is_not_a_database(cli: Cli, tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("these are not the runs you are looking for\n" * 20)

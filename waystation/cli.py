@@ -300,6 +300,10 @@ def _require_database(path: str) -> None:
         )
     if os.path.isdir(path):
         raise StoreError(f"{path} is a directory, not a database file")
+    if os.path.getsize(path) == 0:  # SQLite would take it as a new database and write it
+        raise StoreError(
+            f"{path}: an empty file, not a waystation database (run `waystation migrate`)"
+        )
     # Refuse a foreign file before the store opens it: opening switches it to WAL mode.
     _schema_version(path)
 
