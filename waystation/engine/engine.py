@@ -444,17 +444,15 @@ class Engine:
 
     async def _pipeline_for(self, record: RunRecord) -> Pipeline:
         """`_pipeline_of`, with a `PipelineChanged` that says which stages changed (from the
-        shape recorded when the run was created)."""
+        shape the run's journal recorded for its version)."""
         try:
             return self._pipeline_of(record)
         except PipelineChanged as exc:
             registered = self._pipelines.get((record.pipeline, record.pipeline_version))
             if registered is None:
                 raise
-            rows = await self.store.history(record.run_id, after_seq=0)
-            first = codec.decode_any(rows[0].payload) if rows and rows[0].payload else None
-            before = first.get("shape") if isinstance(first, dict) else None
-            if not isinstance(before, list):
+            before = await self._recorded_shape(record.run_id)
+            if before is None:
                 raise
             now = registered.shape()
             changes = [f"- {line}" for line in before if line not in now]
@@ -1154,18 +1152,23 @@ class Engine:
         log.info("run %s moved to %s v%s", run_id, target.name, target.version)
         return await self.get(run_id)
 
-    async def _recorded_layout(self, run_id: str) -> builtins.list[str] | None:
-        """The stages (as `_flat_layout`) of the version the run is on, as its journal
-        recorded them: in its `created` row, or its last `migrated` row."""
-        shape: Any = None
+    async def _recorded_shape(self, run_id: str) -> builtins.list[str] | None:
+        """`Pipeline.shape` of the version the run is on, as its journal recorded it: in
+        its `created` row, or its last `migrated` row (None if neither has one)."""
+        shape: builtins.list[str] | None = None
         for row in await self.store.history(run_id):
             if row.event in ("created", "migrated") and row.payload is not None:
                 found = codec.decode_any(row.payload)
                 if isinstance(found, dict) and isinstance(found.get("shape"), list):
-                    shape = found["shape"]
+                    shape = [str(line) for line in found["shape"]]
+        return shape
+
+    async def _recorded_layout(self, run_id: str) -> builtins.list[str] | None:
+        """`_recorded_shape` as `_flat_layout` gives a stage: `kind name` each."""
+        shape = await self._recorded_shape(run_id)
         if shape is None:
             return None
-        return [" ".join(str(line).split("(", 1)[0].split(":", 1)) for line in shape]
+        return [" ".join(line.split("(", 1)[0].split(":", 1)) for line in shape]
 
     async def _continue(self, p: Pipeline, run_id: str) -> None:
         """Start driving a run we hold the lease of, from its committed state."""

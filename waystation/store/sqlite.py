@@ -819,10 +819,11 @@ def _prune(
             (before, *statuses),
         )
     ]
-    conn.execute("DELETE FROM prune_roots")
     if not roots:
         return 0, []
-    conn.executemany("INSERT INTO prune_roots VALUES (?)", [(r,) for r in roots])
+    # Nearly always every candidate holds: only those that do not leave the table.
+    dropped = set(candidates).difference(roots)
+    conn.executemany("DELETE FROM prune_roots WHERE run_id = ?", [(r,) for r in dropped])
     conn.execute(
         "DELETE FROM transitions WHERE run_id IN "
         "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
