@@ -162,10 +162,10 @@ class SignallingStore(ws.SQLiteStore):
             self.first_read.set()
         return record
 
-    async def transitions_since(self, *args: Any, **kwargs: Any) -> Any:
-        rows = await super().transitions_since(*args, **kwargs)
+    async def journal_end(self) -> int:
+        end = await super().journal_end()
         self.first_read.set()
-        return rows
+        return end
 
 
 @pytest.mark.parametrize("by", ["run_id", "everything"])
@@ -534,16 +534,53 @@ def _insert(db: Path, run_id: str, seq: int, at: float) -> None:
         conn.execute("UPDATE runs SET seq = ? WHERE run_id = ?", (seq, run_id))
 
 
+@pytest.mark.parametrize("by", ["root_run_id", "everything"])
+async def test_a_row_of_a_transaction_older_than_the_stream_is_delivered(db: Path, by: str) -> None:
+    """Rows are stamped when written, inside their transaction, and a long transaction
+    commits them well after that. A stream that began meanwhile must still deliver them.
+    Before, streams followed the stamps with a one-second window, and missed them."""
+    async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
+        paused = await engine.start(gated, {"n": 4}, run_id="gated-4")
+        assert paused.status == "paused"
+        n = len(await engine.history("gated-4"))
+        store = SignallingStore(db)
+        filters: dict[str, Any] = {"root_run_id": {"root_run_id": "gated-4"}, "everything": {}}
+        async with ws.Engine.open(store, recover=False) as watcher:
+            writer = sqlite3.connect(db, isolation_level=None, timeout=LIMIT)
+            try:
+                writer.execute("BEGIN IMMEDIATE")
+                writer.execute(
+                    "INSERT INTO transitions (run_id, seq, event, attempt, at) "
+                    "VALUES ('gated-4', ?, 'note', 0, ?)",
+                    (n + 1, time.time() - 60),
+                )
+                writer.execute("UPDATE runs SET seq = ? WHERE run_id = 'gated-4'", (n + 1,))
+                got: list[ws.Transition] = []
+
+                async def listen() -> None:
+                    stream = subscribe(watcher, poll_interval=0.01, **filters[by])
+                    got.extend(await collect(stream, lambda got: len(got) == 1))
+
+                with anyio.fail_after(LIMIT):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(listen)
+                        await store.first_read.wait()  # the stream has begun
+                        writer.execute("COMMIT")
+            finally:
+                writer.close()
+    assert [(t.run_id, t.seq, t.event) for t in got] == [("gated-4", n + 1, "note")]
+
+
 async def test_rows_stamped_behind_the_cursor_are_delivered_once(db: Path) -> None:
-    """Another writer whose clock lags: a row stamped inside the re-read window is found
-    there; one stamped before it is fetched by seq when the run's next row shows the gap."""
+    """Another writer whose clock lags: its rows come in commit order, whatever their
+    stamps say (once each, numbered without gaps)."""
     async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
         paused = await engine.start(gated, {"n": 3}, run_id="gated-3")
         assert paused.status == "paused"
         history = await engine.history("gated-3")
         n = len(history)
         got: list[ws.Transition] = []
-        stream = subscribe(engine, since=0, lookback=1.0)
+        stream = subscribe(engine, since=0)
         with anyio.fail_after(LIMIT):
             async with contextlib.aclosing(stream) as events:
                 async for t in events:

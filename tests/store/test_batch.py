@@ -259,24 +259,30 @@ async def test_a_stage_commit_is_one_stored_row_read_back_as_two(db: Path) -> No
         ]
         assert await store.count_stage_executions("r") == 5  # 4 started + 1 retrying
 
-        # Every cursor position, and every page size, reads the same rows after it.
-        for k, t in enumerate(logical):
+        # Every position, and every page size, reads the same rows after it: a folded row
+        # gives both its transitions.
+        for t in logical:
             assert [x.seq for x in await store.history("r", after_seq=t.seq)] == list(
                 range(t.seq + 1, 10)
             )
-            cursor = (t.at, t.run_id, t.seq)
-            rest = await store.transitions_since(cursor, run_id="r", limit=100)
-            assert rest == logical[k + 1 :]
         for limit in (1, 2, 3):
-            pages: list[Any] = []
-            cursor = (0.0, "", 0)
-            while True:
-                page = await store.transitions_since(cursor, limit=limit)
-                pages += page
-                if len(page) < limit:
-                    break
-                cursor = (page[-1].at, page[-1].run_id, page[-1].seq)
-            assert pages == logical, limit
+            for tree in (None, "r"):
+                pages: list[Any] = []
+                position = 0
+                while True:
+                    page = await store.journal_after(position, root_run_id=tree, limit=limit)
+                    pages += page.rows
+                    assert page.position >= position
+                    position = page.position
+                    if not page.more:
+                        break
+                assert pages == logical, (limit, tree)
+                assert position == await store.journal_end()
+        # The position of a time: just before the first row stamped at or after it.
+        for t in logical:
+            rest = (await store.journal_after(await store.journal_position(t.at))).rows
+            assert rest[0].at == t.at and rest[-1] == logical[-1]
+        assert await store.journal_position(logical[-1].at + 1) == await store.journal_end()
     finally:
         await store.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -399,5 +400,39 @@ async def test_prune_pages_through_runs_and_deletes_only_whole_finished_trees(db
         assert deleted == 6  # d1's child with it
         left = sorted(r.run_id for r in await store.list_runs(limit=100))
         assert left == ["b_open", "c_paused", "kid"]
+    finally:
+        await store.close()
+
+
+async def test_prune_never_frees_the_journals_largest_rowid(db: Path) -> None:
+    """Live events follow the journal by rowid, and SQLite gives a new row one more than
+    the largest rowid left. So when prune deletes the newest rows, the newest stays as a
+    row of no run, which no read returns, and a later prune moves it on."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        done = {"status": "succeeded", "lease_owner": None}
+        seen: list[str] = []
+        for run_id in ("old-1", "old-2"):
+            await store.create_run(new_run(run_id))
+            await store.update_run(run_id, Guard(("running",)), [], done)
+            end = await store.journal_end()
+            assert (await store.prune(2e9, ("succeeded",))).roots == [run_id]
+            assert await store.journal_end() == end  # kept: no rowid is given twice
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                kept = conn.execute("SELECT run_id, seq, event FROM transitions").fetchall()
+            assert kept == [("", 0, "pruned")]
+            await store.create_run(new_run("next"))
+            page = await store.journal_after(end)
+            assert [(t.run_id, t.event) for t in page.rows] == [
+                ("next", "created"),
+                ("next", "started"),
+            ]
+            assert (await store.journal_after(0)).rows == page.rows  # the kept row is skipped
+            assert await store.history("") == []
+            seen += [t.run_id for t in (await store.journal_after(0, root_run_id="next")).rows]
+            await store.update_run("next", Guard(("running",)), [], done)
+            assert (await store.prune(2e9, ("succeeded",))).roots == ["next"]
+        assert seen == ["next"] * 4
     finally:
         await store.close()

@@ -8,14 +8,11 @@ by other processes exactly as those of its own. Two ways of following the journa
   nothing comes twice, whatever the clocks do. The row delivered last is read again with
   each poll: if it is gone, the run was pruned, and a run started again under its id is
   followed from its first row.
-- A tree (`root_run_id=`) or every run: by commit time, with the cursor (at, run_id, seq)
-  over the `transitions_at` index. Commits are serialized by SQLite and each stamps its rows
-  after it took the write lock, so commit-time order is commit order as long as the wall
-  clock does not go backwards. For safety each poll reads again a window (`lookback`)
-  behind the cursor, and rows are de-duplicated per run by sequence number; a run's rows
-  are also delivered without gaps once one of them has been seen (a missing row is fetched
-  by sequence number before the later one is delivered). A `created` row of a run id
-  already seen, with another time, is a new run under a pruned run's id.
+- A tree (`root_run_id=`) or every run: by the journal's position (its rowid), which is
+  commit order: SQLite gives each new row the next rowid, one transaction writes at a
+  time, and prune never frees the largest. So this is exact too: a row is delivered once,
+  in commit order, however long its transaction ran and whatever the clocks did, and each
+  poll reads only what was committed since the last.
 
 No task is started: the generator polls in the consumer's task, so leaving the `async for`
 (or cancelling the consumer) ends it on the spot.
@@ -23,7 +20,6 @@ No task is started: the generator polls in the consumer's task, so leaving the `
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncGenerator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -42,10 +38,6 @@ __all__ = ["subscribe"]
 
 PAGE = 500
 """Journal rows read per query."""
-
-_FORGET_AFTER = 300.0
-"""A run with no row in this many seconds behind the read window is dropped from the
-per-run de-duplication table (which would otherwise grow with every run ever seen)."""
 
 _EPSILON = 1e-6
 """`Transition.at` is a datetime (microseconds); the stored time is finer. A `since` taken
@@ -76,7 +68,6 @@ async def subscribe(
     after_seq: int | None = None,
     poll_interval: float = 0.05,
     until_settled: bool = False,
-    lookback: float = 1.0,
 ) -> AsyncGenerator[Transition, None]:
     """Journal rows as they are committed, in commit order, by this process or any other.
 
@@ -88,8 +79,10 @@ async def subscribe(
     - by default, right after what is committed when iteration begins (the first
       `__anext__`, not the call: the generator is lazy). For one run, that is after the
       run's current last row (from its first row if the run does not exist yet).
-    - `since` (a timezone-aware datetime, or Unix seconds): rows stamped at or after it,
-      committed before the subscription or not.
+    - `since` (a timezone-aware datetime, or Unix seconds): for one run, its rows stamped
+      at or after it; for a tree or every run, the rows committed from the first row
+      stamped at or after it (the same, as long as the wall clock never went back),
+      before the subscription or not.
     - `after_seq` (with `run_id`): rows of that run numbered above `after_seq`.
 
     A snapshot and a stream that miss nothing and repeat nothing:
@@ -107,8 +100,7 @@ async def subscribe(
     once. Without it, the stream runs until the consumer stops iterating.
 
     The journal is polled every `poll_interval` seconds (at once again while a backlog is
-    being read). `lookback` is the window of commit time, behind the cursor, read again on
-    each poll for rows stamped late (clock adjustments); see the module docstring.
+    being read).
     Errors of the store (for example the engine being closed) end the stream with the
     error. To close the stream at once when leaving the loop early (`break`), iterate it
     inside `async with contextlib.aclosing(subscribe(...)) as events:`; otherwise Python
@@ -116,8 +108,6 @@ async def subscribe(
     """
     if poll_interval <= 0:
         raise ValueError("poll_interval must be positive")
-    if lookback < 0:
-        raise ValueError("lookback must not be negative")
     if after_seq is not None:
         if run_id is None:
             raise ValueError("after_seq numbers the rows of one run: pass run_id as well")
@@ -136,7 +126,7 @@ async def subscribe(
     if run_id is not None:
         follower = _RunFollower(store, run_id, root_run_id, min_at, after_seq)
     else:
-        follower = _JournalFollower(store, root_run_id, min_at, lookback, until_settled)
+        follower = _JournalFollower(store, root_run_id, min_at, until_settled)
     await follower.start()
     check = until_settled
     while True:
@@ -184,8 +174,10 @@ async def _start_seq(store: Store, run_id: str, min_at: float | None) -> int:
     if min_at is None:
         return current
     # Read after the run row: a row committed in between is then found here.
-    first = await store.transitions_since((min_at, "", 0), run_id=run_id, limit=1)
-    return first[0].seq - 1 if first else current
+    for row in await store.history(run_id):
+        if row.at >= min_at:
+            return row.seq - 1
+    return current
 
 
 async def _is_settled(store: Store, run_id: str, delivered: int) -> bool:
@@ -245,133 +237,38 @@ class _RunFollower(_Follower):
 
 
 class _JournalFollower(_Follower):
-    """A tree or every run, by commit time, with a re-read window and per-run seqs."""
+    """A tree or every run, by journal position (commit order)."""
 
     def __init__(
-        self,
-        store: Store,
-        root_run_id: str | None,
-        min_at: float | None,
-        lookback: float,
-        watch_root: bool,
+        self, store: Store, root_run_id: str | None, min_at: float | None, watch_root: bool
     ) -> None:
         self.store = store
         self.root_run_id = root_run_id
         self.since = min_at
-        self.lookback = lookback
         self.watch_root = watch_root
-        self.known: dict[str, tuple[int, float]] = {}
-        """run_id -> (last seq delivered or present before the stream, its time), in the
-        order last touched (a dict keeps insertion order; touching re-inserts)."""
-        self.created_at: dict[str, float] = {}
-        """run_id -> the time of its `created` row, for the runs in `known` whose row was
-        seen: a `created` row of another time is a new run under a pruned run's id."""
-        self.min_at = 0.0
-        """Never deliver a row stamped before this."""
-        self.cursor_at = 0.0
-        """The latest commit time seen."""
-        self.mono = 0.0
+        self.position = 0
         self.root_seq = 0
         """For `until_settled`: the root's rows up to this seq were delivered (or came
         before the stream)."""
 
     async def start(self) -> None:
-        wall, self.mono = time.time(), time.monotonic()
         if self.watch_root and self.root_run_id is not None:
             self.root_seq = await _start_seq(self.store, self.root_run_id, self.since)
-        if self.since is not None:
-            self.min_at = self.cursor_at = self.since
-            return
-        # The rows already committed in the window are "before": remember their seqs, so
-        # that reading the window again does not deliver them.
-        self.min_at = wall - self.lookback
-        self.cursor_at = wall
-        after = (self.min_at, "", 0)
-        while True:
-            rows = await self.store.transitions_since(
-                after, root_run_id=self.root_run_id, limit=PAGE
-            )
-            for r in rows:
-                self._remember(r)
-            if len(rows) < PAGE:
-                return
-            after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
-
-    def _new_run(self, created: TransitionRecord) -> bool:
-        """Is this `created` row, of a run id already seen, another run's (the first was
-        pruned)? Yes if its time is not that of the first run's `created` row."""
-        first = self.created_at.get(created.run_id)
-        # Unseen, its first `created` row may be read late (stamped ahead of a clock set
-        # back): no new run then, at the cost of missing an id used again within minutes
-        # by a stream that began after the first run's start.
-        return first is not None and created.at != first
-
-    def _remember(self, r: TransitionRecord) -> None:
-        if r.event == "created":
-            self.created_at[r.run_id] = r.at
-        previous = self.known.pop(r.run_id, None)
-        seq = r.seq if previous is None else max(previous[0], r.seq)
-        self.known[r.run_id] = (seq, r.at)
-        if r.at > self.cursor_at:
-            self.cursor_at = r.at
-        if r.run_id == self.root_run_id and r.seq > self.root_seq:
-            self.root_seq = r.seq
-
-    def _floor(self) -> float:
-        """Where this poll starts reading: the window behind the cursor. If the wall clock
-        was set back since the last poll, rows committed since may be stamped before the
-        cursor: start from the previous poll's time as the clock reads it now."""
-        wall, mono = time.time(), time.monotonic()
-        previous_poll = wall - (mono - self.mono)
-        self.mono = mono
-        return max(self.min_at, min(self.cursor_at, previous_poll) - self.lookback)
+        if self.since is None:
+            self.position = await self.store.journal_end()
+        else:
+            self.position = await self.store.journal_position(self.since)
 
     async def poll(self) -> list[TransitionRecord]:
-        floor = self._floor()
-        out: list[TransitionRecord] = []
-        self.more = False
-        after = (floor, "", 0)
-        while True:
-            rows = await self.store.transitions_since(
-                after, root_run_id=self.root_run_id, limit=PAGE
-            )
-            for r in rows:
-                known = self.known.get(r.run_id)
-                if known is not None and r.event == "created" and self._new_run(r):
-                    # A run id used again after its run was pruned: a new run, from 1.
-                    del self.known[r.run_id]
-                    known = None
-                if known is not None:
-                    if r.seq <= known[0]:
-                        if r.at > self.cursor_at:
-                            self.cursor_at = r.at
-                        continue  # delivered already (read again in the window)
-                    if r.seq > known[0] + 1:
-                        # Rows of this run committed earlier but stamped before the window
-                        # (a clock set back): deliver them first, by sequence number.
-                        for g in await self.store.history(r.run_id, after_seq=known[0]):
-                            if g.seq >= r.seq:
-                                break
-                            out.append(g)
-                            self._remember(g)
-                out.append(r)
-                self._remember(r)
-            if len(rows) < PAGE:
-                break
-            if len(out) >= PAGE:
-                self.more = True
-                break
-            after = (rows[-1].at, rows[-1].run_id, rows[-1].seq)
-        self._forget(floor - _FORGET_AFTER)
-        return out
-
-    def _forget(self, before: float) -> None:
-        while self.known:
-            run_id, (_, at) = next(iter(self.known.items()))
-            if at >= before:
-                return
-            del self.known[run_id]
-            self.created_at.pop(run_id, None)
+        page = await self.store.journal_after(
+            self.position, root_run_id=self.root_run_id, limit=PAGE
+        )
+        self.position, self.more = page.position, page.more
+        root = self.root_run_id
+        for r in page.rows:
+            if r.run_id == root and r.seq > self.root_seq:
+                self.root_seq = r.seq
+        return page.rows
 
     async def settled(self) -> bool:
         assert self.root_run_id is not None

@@ -143,6 +143,16 @@ class PrunePage(NamedTuple):
     """The last run looked at (the `after` of the next step); None: nothing more to see."""
 
 
+class JournalPage(NamedTuple):
+    """One step of `Store.journal_after`."""
+
+    rows: list[TransitionRecord]
+    position: int
+    """Where the next step starts: after every row this one looked at."""
+    more: bool
+    """True when the step stopped at its limit: more rows are committed already."""
+
+
 class Store(Protocol):
     """Durable storage of runs and their journals."""
 
@@ -246,16 +256,20 @@ class Store(Protocol):
     async def tree(self, root_run_id: str) -> list[RunRecord]:
         """Every run of the tree under `root_run_id`, the root included."""
 
-    async def transitions_since(
-        self,
-        after: tuple[float, str, int],
-        *,
-        run_id: str | None = None,
-        root_run_id: str | None = None,
-        limit: int = 500,
-    ) -> list[TransitionRecord]:
-        """Journal rows after the cursor (at, run_id, seq), in that order, optionally only
-        those of one run or of one tree (for live events across processes)."""
+    async def journal_end(self) -> int:
+        """The journal position after its last committed row (0 if it is empty)."""
+
+    async def journal_position(self, at: float) -> int:
+        """The journal position just before the first row stamped at or after `at` (or the
+        end). Stamps follow commit order while the wall clock does not go back, so the
+        rows after it are those committed from that time on."""
+
+    async def journal_after(
+        self, position: int, *, root_run_id: str | None = None, limit: int = 500
+    ) -> JournalPage:
+        """Journal rows committed after `position`, in commit order (every run's, or those
+        of the tree under `root_run_id`), for live events across processes. At most about
+        `limit` stored rows are looked at (a folded row gives two transitions)."""
 
     async def due_runs(
         self,

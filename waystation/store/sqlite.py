@@ -30,6 +30,7 @@ from . import batch as batched
 from .base import (
     RUN_COLUMNS,
     Guard,
+    JournalPage,
     NewRun,
     NewTransition,
     PrunePage,
@@ -693,33 +694,65 @@ class SQLiteStore:
         )
         return [_run(r) for r in rows]
 
-    async def transitions_since(
-        self,
-        after: tuple[float, str, int],
-        *,
-        run_id: str | None = None,
-        root_run_id: str | None = None,
-        limit: int = 500,
-    ) -> list[TransitionRecord]:
-        at, rid, seq = after
-        # From the row at `seq` itself: what is folded into it comes after `seq`.
-        where = "(at, run_id, seq) >= (?, ?, ?)"
-        params: list[Any] = [at, rid, seq]
-        if run_id is not None:
-            where += " AND run_id = ?"
-            params.append(run_id)
-        if root_run_id is not None:
-            where += " AND run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)"
-            params.append(root_run_id)
-        # One stored row more than asked: the row at the cursor may give nothing after it,
-        # and a short page must mean the end of the journal (followers treat it so).
-        params.append(limit + 1)
-        rows = await self._read(
-            f"SELECT {batched.STORED_FIELDS} FROM transitions WHERE {where} "
-            "ORDER BY at, run_id, seq LIMIT ?",
-            params,
+    # Live events follow the journal by rowid. A row's rowid is one more than the largest in
+    # the table when it was inserted, and SQLite lets one transaction write at a time, so
+    # rowid order is commit order, exactly, whatever the clocks say; `_prune` never lets the
+    # largest rowid go, so none is given twice. (VACUUM keeps rowids: SQLite 3.40 was checked;
+    # its documentation allows a VACUUM to renumber a table without an INTEGER PRIMARY KEY.)
+
+    async def journal_end(self) -> int:
+        row = await self._read_one("SELECT MAX(rowid) FROM transitions")
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def journal_position(self, at: float) -> int:
+        # A binary search over rowids, a point read per step: an index on the time would
+        # cost every stage commit an entry.
+        lo, hi = 0, await self.journal_end()
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            row = await self._read_one(
+                "SELECT rowid, at FROM transitions WHERE rowid >= ? ORDER BY rowid LIMIT 1", (mid,)
+            )
+            if row is None:  # pruned meanwhile
+                hi = mid - 1
+            elif row[1] < at:
+                lo = min(row[0], hi)
+            else:
+                hi = mid - 1
+        return lo
+
+    async def journal_after(
+        self, position: int, *, root_run_id: str | None = None, limit: int = 500
+    ) -> JournalPage:
+        fields = f"rowid, {batched.STORED_FIELDS}"
+        if root_run_id is None:
+            rows = await self._read(
+                f"SELECT {fields} FROM transitions WHERE rowid > ? ORDER BY rowid LIMIT ?",
+                (position, limit),
+            )
+            if not rows:
+                return JournalPage([], position, False)
+            # The rowid given up by a prune is kept by a row of no run (see `_prune`).
+            kept = [r[1:] for r in rows if r[1]]
+            return JournalPage(batched.expand(kept), rows[-1][0], len(rows) == limit)
+        # The span first, then the tree's rows in it: the span's end moves on past other
+        # trees' rows, which a tree's subscriber then never reads again. A row committed
+        # after the first read has a rowid above the span, so the second read misses none.
+        span = await self._read_one(
+            "SELECT (SELECT rowid FROM transitions WHERE rowid > ?1 ORDER BY rowid "
+            "LIMIT 1 OFFSET ?2), (SELECT MAX(rowid) FROM transitions)",
+            (position, limit - 1),
         )
-        return [t for t in batched.expand(rows) if (t.at, t.run_id, t.seq) > after][:limit]
+        end = 0 if span is None or span[1] is None else int(span[1])
+        last = end if span is None or span[0] is None else int(span[0])
+        if last <= position:
+            return JournalPage([], position, False)
+        rows = await self._read(
+            f"SELECT {batched.STORED_FIELDS} FROM transitions WHERE rowid > ? AND rowid <= ? "
+            "AND run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?) ORDER BY rowid",
+            (position, last, root_run_id),
+        )
+        return JournalPage(batched.expand(rows), last, last < end)
 
     async def due_runs(
         self,
@@ -824,10 +857,24 @@ def _prune(
     # Nearly always every candidate holds: only those that do not leave the table.
     dropped = set(candidates).difference(roots)
     conn.executemany("DELETE FROM prune_roots WHERE run_id = ?", [(r,) for r in dropped])
-    conn.execute(
-        "DELETE FROM transitions WHERE run_id IN "
-        "(SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots))"
-    )
+    pruned = "SELECT run_id FROM runs WHERE root_run_id IN (SELECT run_id FROM prune_roots)"
+    # The journal's largest rowid must stay taken: SQLite would give it again, and live
+    # events, which follow rowids, would not see the row that got it. If a pruned run holds
+    # it, its row stays as a row of no run (run id '', which no run can have), in place of
+    # the one an earlier prune left.
+    newest = conn.execute("SELECT MAX(rowid) FROM transitions").fetchone()[0]
+    held = conn.execute(
+        f"SELECT 1 FROM transitions WHERE rowid = ? AND run_id IN ({pruned})", (newest,)
+    ).fetchone()
+    if held:
+        conn.execute("DELETE FROM transitions WHERE run_id = ''")
+        conn.execute(
+            "UPDATE transitions SET run_id = '', seq = 0, stage_index = NULL, stage_path = NULL, "
+            "event = 'pruned', attempt = 0, payload = NULL, error = NULL, next_event = NULL, "
+            "next_path = NULL, next_attempt = NULL WHERE rowid = ?",
+            (newest,),
+        )
+    conn.execute(f"DELETE FROM transitions WHERE run_id IN ({pruned})")
     conn.execute("DELETE FROM budgets WHERE root_run_id IN (SELECT run_id FROM prune_roots)")
     for table in ("cascades", "run_inputs"):
         conn.execute(
