@@ -125,6 +125,22 @@ async def misread(fetch: Decision) -> str:  # fetch returns an int: a plan catch
 
 
 broken = ws.Pipeline("broken", [fetch, misread])
+
+
+@ws.stage
+async def score(amount: float) -> float:
+    return amount * 2
+
+
+review = ws.parallel(score, ws.gate("legal", schema=Decision, reason="legal ok?"), name="review")
+
+
+@ws.stage
+def settle(score: float, legal: Decision) -> str:
+    return f"{score} (legal: {legal.by})"
+
+
+reviewed = ws.Pipeline("reviewed", [check, review, settle])
 """
 
 
@@ -421,6 +437,39 @@ def test_resume_drives_only_its_own_run(cli: Cli, db: Path, app: ModuleType) -> 
     left, history = look(db, stranded)
     assert left.status == "running"
     assert [t.event for t in history] == ["created", "started"]
+
+
+def test_show_a_paused_branch_of_a_parallel_group(cli: Cli, db: Path) -> None:
+    """The journal records a branch's pause on its group's `paused` row: before, `show`
+    listed the paused branch as running."""
+    cli("migrate")
+    app_spec = f"{APP_MODULE}:reviewed"
+    out = cli("start", "--app", app_spec, "reviewed", "--input", '{"amount": 5}', "--wait")
+    assert out.returncode == 3, out.stdout + out.stderr
+    run_id = run_id_of(out)
+
+    out = cli("show", run_id)
+    assert out.returncode == 0, out.stderr
+    rows = {row.split()[1]: row for row in out.stdout.split("timeline\n", 1)[1].splitlines()[1:]}
+    assert rows["review"].endswith("paused: waiting for legal")
+    assert rows["review.legal"].endswith("paused: waiting for legal")
+    assert rows["review.score"].endswith("succeeded")
+    shown = json.loads(cli("show", run_id, "--json").stdout)
+    assert [(s["stage"], s["outcome"], s["pause_kind"]) for s in shown["timeline"]] == [
+        ("check", "succeeded", None),
+        ("review", "paused", "legal"),
+        ("review.legal", "paused", "legal"),
+        ("review.score", "succeeded", None),
+    ]
+
+    answer = '{"approved": true, "by": "lee"}'
+    out = cli("resume", run_id, "--input", answer, "--app", app_spec)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = cli("show", run_id)
+    rows = {row.split()[1]: row for row in out.stdout.split("timeline\n", 1)[1].splitlines()[1:]}
+    assert "succeeded (waited " in rows["review.legal"] and rows["review.legal"].endswith(
+        " for legal)"
+    )
 
 
 def test_show_a_failed_run(cli: Cli, db: Path, app: ModuleType) -> None:

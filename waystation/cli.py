@@ -148,10 +148,18 @@ def timeline(history: Sequence[Transition]) -> list[StageSpan]:
             span.outcome = "reused"
         elif event == "paused":
             span.attempts = max(span.attempts, attempt)
-            span.outcome = "paused"
-            paused_since[i] = t.at
-            kinds = [p.get("kind") for p in _pauses(t.payload)]
-            span.pause_kind = ", ".join(k for k in kinds if isinstance(k, str)) or None
+            pauses = _pauses(t.payload)
+            _paused(span, pauses, t.at, paused_since, i)
+            # A group journals its branches' pauses on its own row, each pause naming its
+            # branch: without this a paused branch would look `running`. Only a branch
+            # this journal started is one (a child run's own paths are not).
+            for path in dict.fromkeys(p.get("stage_path") for p in pauses):
+                if not isinstance(path, str) or not path.startswith(f"{t.stage_path}."):
+                    continue
+                branch = (t.stage_index, path)
+                if branch in spans:
+                    mine = [p for p in pauses if p.get("stage_path") == path]
+                    _paused(spans[branch], mine, t.at, paused_since, branch)
         elif event == "resumed":
             since = paused_since.pop(i, None)
             if since is not None:
@@ -174,6 +182,19 @@ def timeline(history: Sequence[Transition]) -> list[StageSpan]:
         if span.started_at is not None and span.ended_at is not None:
             span.duration = (span.ended_at - span.started_at).total_seconds()
     return [spans[i] for i in sorted(spans)]
+
+
+def _paused(
+    span: StageSpan,
+    pauses: list[dict[str, Any]],
+    at: datetime,
+    paused_since: dict[tuple[int, str], datetime],
+    key: tuple[int, str],
+) -> None:
+    span.outcome = "paused"
+    paused_since[key] = at
+    kinds = [p.get("kind") for p in pauses]
+    span.pause_kind = ", ".join(k for k in kinds if isinstance(k, str)) or None
 
 
 # -- formatting ---------------------------------------------------------------------------------
