@@ -405,10 +405,10 @@ def test_nesting_beyond_max_depth_is_a_problem() -> None:
 
 
 def test_too_few_stage_executions_or_children_allowed() -> None:
-    plan = make_plan(top, limits=ws.Limits(max_total_stages=5))
-    assert plan.min_stage_executions == 7  # 3 child stages, 3 launches, the leaf
+    plan = make_plan(top, limits=ws.Limits(max_total_stages=3))
+    assert plan.min_stage_executions == 4  # 3 child stages and the leaf
     assert plan.problems == [
-        "top: at least 7 stage executions in the tree, more than max_total_stages 5"
+        "top: at least 4 stage executions in the tree, more than max_total_stages 3"
     ]
     plan = make_plan(top, limits=ws.Limits(max_children=0))
     assert plan.problems == [
@@ -416,6 +416,19 @@ def test_too_few_stage_executions_or_children_allowed() -> None:
         "top > level1.level2: launches a child run, but max_children is 0",
         "top > level1 > level2.level3: launches a child run, but max_children is 0",
     ]
+
+
+async def test_the_least_stage_executions_are_what_the_engine_counts(db: Path) -> None:
+    # A child stage is one execution and its child's stages the rest: launching the child
+    # is not one more. The engine runs `top` within a limit of 4 and not within 3.
+    assert make_plan(top).min_stage_executions == 4
+    for limit, status in ((4, "succeeded"), (3, "failed")):
+        limits = ws.Limits(max_total_stages=limit)
+        async with ws.Engine.open(db, pipelines=[top], limits=limits) as engine:
+            plan = engine.plan(top, {"count": 1})
+            run = await engine.start(top, {"count": 1})
+        assert run.status == status, run.error
+        assert plan.ok == (status == "succeeded"), plan.problems
 
 
 @ws.stage
@@ -544,7 +557,7 @@ def test_render_reads_as_an_indented_plan() -> None:
         f"plan of onboard v3 ({onboard.fingerprint}): ok",
         "input: count: int (the given input checked)",
         "limits of onboard: max_depth 8, max_total_stages 10000, max_children none",
-        "tree: child runs nest 1 deep, at least 14 stage executions",
+        "tree: child runs nest 1 deep, at least 11 stage executions",
         "",
         "  1. load(count=input.count) -> Batch",
         "  2. first: child run of review v1 (doc=load.docs.0) -> Scored",

@@ -140,7 +140,10 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     """How deep static child runs nest (0: no child pipelines)."""
     min_stage_executions: int = 0
     """Stage executions of the whole tree at the least (no retry, no skipped stage, one
-    loop iteration, the smallest branch option, no children launched from code)."""
+    loop iteration, the smallest branch option, no children launched from code), as the
+    engine counts them against `max_total_stages`: each attempt of a stage, a child stage
+    included (launching its child adds none), not gates or a parallel group's own start
+    (which the engine's running count only sees when it reloads it from the journal)."""
     limits: Limits = Limits()
     budgets: dict[str, float] = {}
 
@@ -384,8 +387,9 @@ class _Planner:
             return step, 0
         if s.kind == "child" and isinstance(s.compose, ChildSpec):
             step, n = self.child(ctx, s, s.compose, path, local, bindings, common)
-            # An execution of the stage, the launch of the child, and the child's stages.
-            return step, (2 + n if executions else 0)
+            # The engine counts the child stage's attempt, then the child's own stages;
+            # launching the child only checks the count, it adds nothing to it.
+            return step, (1 + n if executions else 0)
         error = _decode_error(s.returns)
         if error is not None:
             self.problems.append(
