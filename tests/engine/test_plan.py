@@ -408,7 +408,8 @@ def test_too_few_stage_executions_or_children_allowed() -> None:
     plan = make_plan(top, limits=ws.Limits(max_total_stages=3))
     assert plan.min_stage_executions == 4  # 3 child stages and the leaf
     assert plan.problems == [
-        "top: at least 4 stage executions in the tree, more than max_total_stages 3"
+        "top > level1 > level2 > level3.leaf: at least 4 stage executions in the tree by "
+        "then, more than max_total_stages 3 (the engine's limits)"
     ]
     plan = make_plan(top, limits=ws.Limits(max_children=0))
     assert plan.problems == [
@@ -429,6 +430,44 @@ async def test_the_least_stage_executions_are_what_the_engine_counts(db: Path) -
             run = await engine.start(top, {"count": 1})
         assert run.status == status, run.error
         assert plan.ok == (status == "succeeded"), plan.problems
+
+
+@ws.stage
+async def step_a(count: int) -> int:
+    return count
+
+
+@ws.stage
+async def step_b(step_a: int) -> int:
+    return step_a
+
+
+@ws.stage
+async def step_c(step_b: int) -> int:
+    return step_b
+
+
+async def test_each_pipeline_is_held_to_the_limits_the_engine_applies_to_it(db: Path) -> None:
+    # Each driver checks the tree's count against its own pipeline's limits, or else the
+    # engine's: a strict root does not bound the stages of a child without limits, and a
+    # strict child is held to its own limits under a lenient root.
+    strict = ws.Limits(max_total_stages=2)
+    lenient_child = ws.Pipeline("lenient_child", [step_a, step_b, step_c])
+    strict_root = ws.Pipeline("strict_root", [lenient_child], limits=strict)
+    strict_child = ws.Pipeline("strict_child", [step_a, step_b, step_c], limits=strict)
+    lenient_root = ws.Pipeline("lenient_root", [strict_child])
+    async with ws.Engine.open(db, pipelines=[strict_root, lenient_root]) as engine:
+        runs = {p.name: await engine.start(p, {"count": 1}) for p in (strict_root, lenient_root)}
+        plans = {p.name: engine.plan(p, {"count": 1}) for p in (strict_root, lenient_root)}
+    assert runs["strict_root"].status == "succeeded", runs["strict_root"].error
+    assert plans["strict_root"].ok, plans["strict_root"].problems
+    failed = runs["lenient_root"]
+    assert failed.status == "failed" and failed.error is not None
+    assert "max_total_stages 2 exceeded: 3 stage executions" in failed.error.message
+    assert plans["lenient_root"].problems == [
+        "lenient_root > strict_child.step_b: at least 3 stage executions in the tree by then, "
+        "more than max_total_stages 2 (the limits of pipeline 'strict_child')"
+    ]
 
 
 @ws.stage

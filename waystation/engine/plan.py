@@ -16,7 +16,8 @@ recursively) and collects every problem it can prove from the definitions alone:
   the child's input fields refuse; a loop whose output cannot feed its next iteration; a
   branch selector annotated to return a value that names no branch;
 - static nesting of children deeper than `Limits.max_depth`, fewer `max_children` than a
-  child stage launches, more stage executions than `max_total_stages` even at the least;
+  child stage launches (both the launching pipeline's limits), more stage executions in the
+  tree, even at the least, than `max_total_stages` of the pipeline whose stage counts them;
 - a pipeline that includes itself.
 
 What the plan cannot see becomes a warning, not a problem: a path into `Any` or
@@ -262,8 +263,9 @@ def make_plan(pipeline: Pipeline, input: Any = None, *, limits: Limits | None = 
     problem found in the input (when one is given), the bindings, the paths of child stages,
     the child pipelines (recursively), the limits and cycles.
 
-    `limits` are the engine's (a pipeline's own `limits` override them for the children it
-    launches); the default is `Limits()`.
+    `limits` are the engine's; the default is `Limits()`. As in the engine, a pipeline's own
+    `limits` override them for the children it launches (`max_depth`, `max_children`) and
+    for the tree's count as its own stages reach it (`max_total_stages`).
     """
     planner = _Planner(limits or Limits())
     input_checked = input is not None
@@ -276,12 +278,10 @@ def make_plan(pipeline: Pipeline, input: Any = None, *, limits: Limits | None = 
         except (TypeError, ValueError) as exc:
             planner.problems.append(f"{pipeline.name}: input cannot be decoded: {exc}")
     steps, count = planner.pipeline(pipeline, pipeline.name, 0, [])
+    # The engine counts stage executions only in trees that launch children.
+    if planner.depth:
+        planner.problems.extend(planner.over_total)
     root_limits = pipeline.limits or planner.limits
-    if planner.depth and count > root_limits.max_total_stages:
-        planner.problems.append(
-            f"{pipeline.name}: at least {count} stage executions in the tree, more than "
-            f"max_total_stages {root_limits.max_total_stages}"
-        )
     return Plan(
         pipeline=pipeline.name,
         version=pipeline.version,
@@ -307,14 +307,25 @@ class _Planner:
         self.limits = limits
         self.problems: list[str] = []
         self.warnings: list[str] = []
+        self.over_total: list[str] = []
+        """Stage executions past `max_total_stages`: problems if the tree has children."""
         self.depth = 0
 
     # -- a pipeline --------------------------------------------------------------------------
 
     def pipeline(
-        self, p: Pipeline, prefix: str, depth: int, stack: list[str], beyond: bool = False
+        self,
+        p: Pipeline,
+        prefix: str,
+        depth: int,
+        stack: list[str],
+        beyond: bool = False,
+        before: int = 0,
     ) -> tuple[list[PlanStep], int]:
-        """The steps of `p` and the least number of stage executions of its tree."""
+        """The steps of `p` and the least number of stage executions of its tree.
+
+        `before`: the least number of stage executions in the whole tree when `p` starts.
+        """
         self.depth = max(self.depth, depth)
         stack = [*stack, p.name]
         for f in p.inputs.values():
@@ -326,21 +337,38 @@ class _Planner:
                 )
         steps: list[PlanStep] = []
         count = 0
+        # Each driver checks the tree's running count against its own pipeline's limits
+        # (else the engine's) as it counts one of its stages: so does the plan, once.
+        limits = p.limits or self.limits
+        over = False
         for i, s in enumerate(p.stages):
-            ctx = _Where(p, prefix, depth, stack, beyond)
+            ctx = _Where(p, prefix, depth, stack, beyond, before + count)
             if s.kind == "parallel":
-                step, n = self.group(ctx, i, s)
+                step, n, own = self.group(ctx, i, s)
             else:
                 step, n = self.stage(ctx, i, s, s.name, p.bindings[i], p.when_bindings[i])
+                own = min(n, 1)  # a child stage's own attempt; its child's stages are not p's
             steps.append(step)
+            reached = before + count + own
+            if own and not over and reached > limits.max_total_stages:
+                over = True
+                whose = f"the limits of pipeline {p.name!r}" if p.limits else "the engine's limits"
+                self.over_total.append(
+                    f"{prefix}.{s.name}: at least {reached} stage executions in the tree by "
+                    f"then, more than max_total_stages {limits.max_total_stages} ({whose})"
+                )
             count += n
         return steps, count
 
-    def group(self, ctx: _Where, i: int, s: Stage) -> tuple[PlanStep, int]:
+    def group(self, ctx: _Where, i: int, s: Stage) -> tuple[PlanStep, int, int]:
+        """The group's step, the least stage executions of its branches' trees, and of its
+        branches themselves (the attempts its own driver counts)."""
         spec: ParallelSpec = s.group
         slots = ctx.pipeline.branch_slots.get(i, {})
         branches: list[PlanStep] = []
         count = 0
+        own = 0
+        # Branches run side by side: each is sure only of what ran before the group.
         for b in spec.branches:
             local = f"{s.name}.{b.name}"
             slot = slots[b.name]
@@ -348,6 +376,7 @@ class _Planner:
             step, n = self.stage(ctx, i, b, local, slot.bindings, when)
             branches.append(step)
             count += n
+            own += min(n, 1)
         step = PlanStep(
             kind="parallel",
             name=s.name,
@@ -357,7 +386,7 @@ class _Planner:
             on_error=spec.on_error,
             steps=branches,
         )
-        return step, count
+        return step, count, own
 
     def stage(
         self,
@@ -504,7 +533,8 @@ class _Planner:
                 f"{path}: runs pipeline {child.name!r} as a child at depth {ctx.depth + 1}, "
                 f"beyond max_depth {limits.max_depth}"
             )
-        return self.pipeline(child, prefix, ctx.depth + 1, ctx.stack, beyond)
+        # The child starts after the attempt of the stage that launches it.
+        return self.pipeline(child, prefix, ctx.depth + 1, ctx.stack, beyond, ctx.before + 1)
 
     def child_inputs(
         self,
@@ -762,6 +792,8 @@ class _Where:
     depth: int
     stack: list[str]
     beyond: bool
+    before: int
+    """The least stage executions of the whole tree before this stage starts."""
 
 
 def _producer(p: Pipeline, b: Binding) -> Stage:
