@@ -3,6 +3,7 @@ the bindings, the paths of child stages, the limits and cycles, without running 
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -365,14 +366,87 @@ def test_fits_compares_json_shapes() -> None:
     assert fits(Any, Summary) is None and fits(Summary, Any) is None
     assert fits(Doc, Summary) == "at `$`, Doc has no field `total` that Summary requires"
     assert fits(list[int], list[str]) == "at `$[]`, integer is not string"
-    assert fits(int | None, int) == "at `$`, null is not integer"
+    assert fits(int | None, int) is None  # it may not: a warning (see below)
+    assert fits(None, int) == "at `$`, null is not integer"
     assert fits(int, int | None) is None
+    assert fits(int, Decimal) is None and fits(float, Decimal) is None
+    assert fits(Decimal, float) == "at `$`, string is not number"
+    assert fits(bool, Decimal) == "at `$`, boolean is not string"
     assert fits(Literal["a"], Literal["a", "b"]) is None
     assert fits(Literal["c"], Literal["a", "b"]) == "at `$`, 'c' is not one of ['a', 'b']"
+    assert fits(Literal["a", "c"], Literal["a", "b"]) is None
     assert fits(str, Literal["a", "b"]) is None  # plausible: checked when it runs
     assert fits(dict[str, int], Counted) is None
     assert fits(Counted, dict[str, str]) == "at `$.n`, integer is not string"
     assert fits(tuple[int, str], tuple[int, int]) == "at `$[1]`, string is not integer"
+
+
+@ws.stage
+async def whole(count: int) -> int:
+    return count
+
+
+@ws.stage
+async def priced(whole: Decimal) -> str:
+    return str(whole)
+
+
+@ws.stage
+async def halved(count: int) -> float:
+    return count / 2
+
+
+@ws.stage
+async def rounded(halved: int) -> int:
+    return halved
+
+
+async def test_a_plan_accepts_what_the_engine_decodes_and_refuses_what_it_refuses(
+    db: Path,
+) -> None:
+    # The engine decodes an int output (stored as a JSON number) into Decimal, as msgspec
+    # does; a float into int it refuses, whatever the value.
+    accepted = ws.Pipeline("pricing", [whole, priced])
+    refused = ws.Pipeline("rounding", [halved, rounded])
+    assert make_plan(accepted, {"count": 3}).problems == []
+    assert make_plan(refused, {"count": 4}).problems == [
+        "rounding.rounded: parameter 'halved' is int, but the output of stage 'halved' is "
+        "float: at `$`, number is not integer"
+    ]
+    async with ws.Engine.open(db, pipelines=[accepted, refused]) as engine:
+        priced_run = await engine.start(accepted, {"count": 3})
+        rounded_run = await engine.start(refused, {"count": 4})  # 2.0, a whole number
+    assert priced_run.status == "succeeded" and priced_run.output == "3"
+    assert rounded_run.status == "failed" and rounded_run.error is not None
+    assert "Expected `int`, got `float`" in rounded_run.error.message
+
+
+@ws.stage
+async def maybe_whole(count: int) -> int | None:
+    return count if count > 0 else None
+
+
+@ws.stage
+async def doubled(maybe_whole: int) -> int:
+    return maybe_whole * 2
+
+
+async def test_a_value_that_may_not_decode_is_a_warning(db: Path) -> None:
+    # `int | None` into `int`: the engine fails the stage only when the value is None, so
+    # the plan cannot call it a problem, only warn.
+    p = ws.Pipeline("doubling", [maybe_whole, doubled])
+    plan = make_plan(p, {"count": 2})
+    assert plan.ok, plan.problems
+    assert plan.warnings == [
+        "doubling.doubled: parameter 'maybe_whole' is int, but the output of stage "
+        "'maybe_whole' is int | None, which may not decode: at `$`, null is not integer"
+    ]
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        fine = await engine.start(p, {"count": 2})
+        broken = await engine.start(p, {"count": 0})
+    assert fine.status == "succeeded" and fine.output == 4
+    assert broken.status == "failed" and broken.error is not None
+    assert "Expected `int`, got `null`" in broken.error.message
 
 
 # -- children: limits, loops, branches, cycles ---------------------------------------------------

@@ -22,8 +22,9 @@ recursively) and collects every problem it can prove from the definitions alone:
 
 What the plan cannot see becomes a warning, not a problem: a path into `Any` or
 `dict[str, Any]`, a value that may be None (a skipped stage) or a `ws.Failed`
-(`continue_on_error`). Children launched from code (`ctx.run_child`, `map_children`) and
-the values stages actually return are beyond it.
+(`continue_on_error`), a type only some of whose values decode where they go (`int | None`
+into `int`: the stage fails only if the value is None). Children launched from code
+(`ctx.run_child`, `map_children`) and the values stages actually return are beyond it.
 """
 
 from __future__ import annotations
@@ -748,12 +749,18 @@ class _Planner:
             self.check_fit(path, produced, b.convert, label, desc)
 
     def check_fit(self, path: str, produced: Any, wanted: Any, what: str, desc: str) -> None:
-        """A problem when a value of type `produced` cannot be decoded as `wanted`."""
-        reason = fits(produced, wanted)
+        """A problem when no value of type `produced` can be decoded as `wanted`; a warning
+        when some cannot (`int | None` as `int`: the run fails only if the value is None)."""
+        reason, maybe = _fit(produced, wanted)
         if reason is not None:
             self.problems.append(
                 f"{path}: {what} is {type_name(wanted)}, but {desc} is "
                 f"{type_name(produced)}: {reason}"
+            )
+        for note in maybe:
+            self.warnings.append(
+                f"{path}: {what} is {type_name(wanted)}, but {desc} is "
+                f"{type_name(produced)}, which may not decode: {note}"
             )
 
     def check_schema(self, path: str, tp: Any, what: str) -> None:
@@ -1077,18 +1084,25 @@ def fits(produced: Any, wanted: Any) -> str | None:
     when it plausibly can, or when either is `Any` or has no JSON Schema).
 
     The two types are compared as the JSON Schemas msgspec generates for them: JSON types,
-    required fields, literal values, item types, string formats.
+    required fields, literal values, item types, string formats. A union some of whose
+    members fit plausibly can (`int | None` as `int`): which values would not, `_fit` says.
     """
+    return _fit(produced, wanted)[0]
+
+
+def _fit(produced: Any, wanted: Any) -> tuple[str | None, list[str]]:
+    """(why no value of type `produced` decodes as `wanted`, or None; why some may not)."""
     produced, wanted = _unwrap(produced), _unwrap(wanted)
     if produced is Any or wanted is Any or produced == wanted:
-        return None
+        return None, []
     try:
         src = codec.json_schema(produced)
         dst = codec.json_schema(wanted)
     except (TypeError, ValueError):
-        return None
+        return None, []
     shapes = _Shapes(src.pop("$defs", {}), dst.pop("$defs", {}))
-    return shapes.fits(src, dst, "$")
+    reason = shapes.fits(src, dst, "$")
+    return reason, [] if reason is not None else list(dict.fromkeys(shapes.maybe))
 
 
 _JSON_TYPE_OF = {bool: "boolean", int: "integer", float: "number", str: "string"}
@@ -1099,6 +1113,9 @@ class _Shapes:
         self.src_defs = src_defs
         self.dst_defs = dst_defs
         self.seen: set[tuple[str, str]] = set()
+        self.maybe: list[str] = []
+        """Why some values of the source may not decode (the engine fails the stage only
+        when one of them comes): warnings, not problems."""
 
     def fits(self, s: Any, d: Any, at: str) -> str | None:
         if d is True or d == {} or s is True or s == {}:
@@ -1115,31 +1132,53 @@ class _Shapes:
         if not d or not s:
             return None
         if "anyOf" in s:
-            for option in s["anyOf"]:
-                reason = self.fits(option, d, at)
-                if reason is not None:
-                    return reason
-            return None
+            reasons = [self.fits(option, d, at) for option in s["anyOf"]]
+            failing = [r for r in reasons if r is not None]
+            return self._some(failing, len(reasons))
         if "anyOf" in d:
-            reasons = [self.fits(s, option, at) for option in d["anyOf"]]
-            if any(r is None for r in reasons):
+            # A value decodes when some member takes it: one member that takes every value
+            # is no warning, even if another member would take only some.
+            fallback: list[str] | None = None
+            for option in d["anyOf"]:
+                outer, self.maybe = self.maybe, []
+                reason = self.fits(s, option, at)
+                notes, self.maybe = self.maybe, outer
+                if reason is None and not notes:
+                    return None
+                if reason is None and fallback is None:
+                    fallback = notes
+            if fallback is not None:
+                self.maybe.extend(fallback)
                 return None
             return f"at `{at}`, {_shape(s)} matches none of {_shape(d)}"
         return self._compare(s, d, at)
+
+    def _some(self, failing: list[str], of: int) -> str | None:
+        """A problem when all `of` kinds of source values fail; a note when only some do."""
+        if not failing:
+            return None
+        if len(failing) == of:
+            return failing[0]
+        self.maybe.append(failing[0])
+        return None
 
     def _compare(self, s: dict[str, Any], d: dict[str, Any], at: str) -> str | None:
         dvalues = _values(d)
         svalues = _values(s)
         if dvalues is not None and svalues is not None:
-            extra = [v for v in svalues if v not in dvalues]
-            if extra:
-                return f"at `{at}`, {extra[0]!r} is not one of {dvalues!r}"
-            return None
+            extra = [
+                f"at `{at}`, {v!r} is not one of {dvalues!r}" for v in svalues if v not in dvalues
+            ]
+            return self._some(extra, len(svalues))
         stypes, dtypes = _types(s), _types(d)
         if stypes is not None and dtypes is not None:
-            for t in stypes:
-                if t not in dtypes and not (t == "integer" and "number" in dtypes):
-                    return f"at `{at}`, {_shape(s)} is not {_shape(d)}"
+            accepted = _accepted(d, dtypes)
+            wrong = sorted(t for t in stypes if t not in accepted)
+            if len(wrong) == len(stypes):
+                return f"at `{at}`, {_shape(s)} is not {_shape(d)}"
+            if wrong:
+                self.maybe.append(f"at `{at}`, {' | '.join(wrong)} is not {_shape(d)}")
+                stypes -= set(wrong)
         if dvalues is not None or stypes is None or dtypes is None:
             return None
         sfmt, dfmt = s.get("format"), d.get("format")
@@ -1240,10 +1279,26 @@ def _types(schema: dict[str, Any]) -> set[str] | None:
     return None
 
 
+def _accepted(schema: dict[str, Any], kinds: set[str]) -> set[str]:
+    """The JSON types msgspec decodes into a type of this schema: more than its `type` says
+    for a float (an integer too) and a Decimal (a string, or any number)."""
+    out = set(kinds)
+    if "number" in out:
+        out.add("integer")
+    if "string" in out and schema.get("format") == "decimal":
+        out |= {"integer", "number"}
+    return out
+
+
 def _shape(schema: dict[str, Any]) -> str:
     title = schema.get("title")
     if isinstance(title, str):
         return title
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return ref.rsplit("/", 1)[-1]
+    if "anyOf" in schema:
+        return " | ".join(_shape(option) for option in schema["anyOf"])
     values = _values(schema)
     if values is not None:
         return " | ".join(map(repr, values))
