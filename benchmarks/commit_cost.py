@@ -10,7 +10,8 @@ on the real disk, in four shapes, each on its own file and taken in turn commit 
   store      the store's stage commit now: BEGIN IMMEDIATE, the `runs` row's UPDATE, one
              journal row (the next stage's `started` folded in), COMMIT
   no_update  the same without the `runs` UPDATE
-  no_update_no_at  the same without the `transitions_at` index either
+  store_with_at  the store's stage commit with the `transitions_at` index, as before
+             migration 6 dropped it
 
 It prints the median, mean and 90th percentile per commit (WAL checkpoints as SQLite does
 them by default) and then the WAL frames (4 KB pages) each stage commit appends: what a
@@ -30,7 +31,7 @@ from _common import emit
 
 from waystation import migrations
 
-SHAPES = ("A", "store", "no_update", "no_update_no_at")
+SHAPES = ("A", "store", "no_update", "store_with_at")
 
 
 def _open(path: str, shape: str) -> sqlite3.Connection:
@@ -44,8 +45,8 @@ def _open(path: str, shape: str) -> sqlite3.Connection:
         )
     else:
         migrations.apply(conn, "sqlite")
-        if shape == "no_update_no_at":
-            conn.execute("DROP INDEX transitions_at")
+        if shape == "store_with_at":
+            conn.execute("CREATE INDEX transitions_at ON transitions (at, run_id, seq)")
     return conn
 
 
@@ -57,7 +58,7 @@ def _commit(conn: sqlite3.Connection, shape: str, run_id: str, k: int) -> None:
         conn.execute("COMMIT")
         return
     conn.execute("BEGIN IMMEDIATE")
-    if shape == "store":
+    if shape in ("store", "store_with_at"):
         conn.execute(
             "UPDATE runs SET updated_at = ?, seq = ?, stage_index = ? WHERE run_id = ?",
             (now, 2 * k + 2, k + 1, run_id),

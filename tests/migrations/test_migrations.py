@@ -187,3 +187,40 @@ async def test_runs_a_crash_left_with_open_children_are_recorded_for_recovery(
         assert conn.execute("SELECT run_id, since FROM cascades").fetchall() == [
             ("failed_open", 5.0)
         ]
+
+
+async def test_a_journal_from_before_migration_6_is_followed_by_rowid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migration 6 drops the journal's time index (live events follow rowids since): the
+    rows written before it are read from a position in commit order, stamps out of order
+    and all, and the time of a row finds its position without the index."""
+    db = tmp_path / "old.db"
+    conn = _at_version(db, monkeypatch, 5)
+    conn.execute(
+        "INSERT INTO runs (run_id, pipeline, pipeline_version, fingerprint, status, seq, "
+        "stage_index, root_run_id, created_at, updated_at) "
+        "VALUES ('r', 'p', '1', 'f', 'succeeded', 3, 0, 'r', 1, 1)"
+    )
+    conn.executemany(  # the second stamped before the first: a clock set back between
+        "INSERT INTO transitions (run_id, seq, event, attempt, at) VALUES ('r', ?, ?, 0, ?)",
+        [(1, "created", 100.0), (2, "note", 50.0), (3, "completed", 200.0)],
+    )
+    conn.close()
+
+    store = SQLiteStore(db)
+    await store.open()  # applies 0006
+    try:
+        page = await store.journal_after(0, root_run_id="r")
+        assert [(t.seq, t.event) for t in page.rows] == [
+            (1, "created"),
+            (2, "note"),
+            (3, "completed"),
+        ]
+        assert (await store.journal_after(0)).rows == page.rows
+        assert await store.journal_position(150.0) == await store.journal_end() - 1
+    finally:
+        await store.close()
+    with closing(_conn(db)) as conn:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "transitions_at" not in names
