@@ -1153,6 +1153,17 @@ def test_plan_exits_2_and_names_each_problem(cli: Cli, db: Path) -> None:
     ]
 
 
+def test_plan_with_a_null_input_checks_it_as_start_would(cli: Cli) -> None:
+    """`--input null` is an input (the engine reads it as one with no fields), not the
+    absence of one: before, the plan said "no input given" and exit 0, where `start` with
+    the same input is refused."""
+    out = cli("plan", "--app", f"{APP_MODULE}:pipelines", "audit", "--input", "null")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "missing required field `amount`" in out.stdout
+    started = cli("start", "--app", f"{APP_MODULE}:pipelines", "audit", "--input", "null")
+    assert started.returncode == 2 and "missing required field `amount`" in started.stderr
+
+
 def test_plan_json(cli: Cli) -> None:
     out = cli("plan", "--app", f"{APP_MODULE}:broken", "broken", "--input", '{"n": 1}', "--json")
     assert out.returncode == 2, out.stdout + out.stderr

@@ -836,9 +836,14 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     app: str = args.app
-    value = _read_input(args.input) if args.input is not None else None
     pipeline = _find_pipeline(app, load_app(app), args.pipeline)
-    plan = make_plan(pipeline, value)
+    if args.input is None:
+        plan = make_plan(pipeline)
+    else:
+        value = _read_input(args.input)
+        # `make_plan` reads None as "no input given"; the engine reads a null input as one
+        # with no fields, and checks it so (as `start --input null` does).
+        plan = make_plan(pipeline, {} if value is None else value)
     if args.json:
         _print_json(plan)
     else:
