@@ -208,6 +208,33 @@ async def test_a_run_id_used_again_after_a_prune_is_streamed_as_a_new_run(
     assert mine[len(history) :] == history
 
 
+async def test_a_run_follower_that_delivered_nothing_sees_a_run_given_the_id_again(
+    db: Path,
+) -> None:
+    """A stream of one run that began after the run finished has delivered nothing when the
+    run is pruned and its id used again. Before, it waited for rows numbered above the
+    first run's last, and so missed the new run."""
+    async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
+        first = await engine.start(steps, {"n": 1}, run_id="job-2")
+        assert first.status == "succeeded"
+        got: list[ws.Transition] = []
+        store = SignallingStore(db, watch="job-2")
+        async with ws.Engine.open(store, recover=False) as watcher:
+
+            async def listen() -> None:
+                stream = subscribe(watcher, run_id="job-2", poll_interval=0.01)
+                got.extend(await collect(stream, completed("job-2")))
+
+            with anyio.fail_after(LIMIT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(listen)
+                    await store.first_read.wait()  # the stream begins after the first run
+                    assert await engine.prune(older_than=0) == 1
+                    second = await engine.start(steps, {"n": 10}, run_id="job-2")
+        assert second.status == "succeeded" and second.output != first.output
+        assert got == await engine.history("job-2")
+
+
 # -- one run -----------------------------------------------------------------------------------
 
 

@@ -261,10 +261,20 @@ async def test_a_stage_commit_is_one_stored_row_read_back_as_two(db: Path) -> No
 
         # Every position, and every page size, reads the same rows after it: a folded row
         # gives both its transitions.
-        for t in logical:
+        positions = set()
+        for k, t in enumerate(logical):
             assert [x.seq for x in await store.history("r", after_seq=t.seq)] == list(
                 range(t.seq + 1, 10)
             )
+            page = await store.run_journal("r", t.seq)
+            assert page.rows == logical[k + 1 :]
+            assert page.holder is not None
+            positions.add(page.holder)
+            if page.rows:  # the row holding the last one: the position of the run's end
+                assert page.end == (await store.run_journal("r", 9)).holder
+        assert len(positions) == 6  # 9 rows in 6 stored rows (three pairs folded)
+        assert await store.run_journal("r", 0) == (None, logical, max(positions))
+        assert await store.run_journal("r", 10) == (None, [], None)
         for limit in (1, 2, 3):
             for tree in (None, "r"):
                 pages: list[Any] = []

@@ -5,9 +5,9 @@ by other processes exactly as those of its own. Two ways of following the journa
 
 - One run (`run_id=`): by sequence number. A run's journal rows are numbered 1, 2, 3, ...
   without gaps, in commit order, so polling `seq > last` is exact: nothing is missed,
-  nothing comes twice, whatever the clocks do. The row delivered last is read again with
-  each poll: if it is gone, the run was pruned, and a run started again under its id is
-  followed from its first row.
+  nothing comes twice, whatever the clocks do. Each poll also reads where the row numbered
+  `last` is in the journal (its rowid, never given twice): if it is gone or elsewhere, the
+  run was pruned, and a run started again under its id is followed from its first row.
 - A tree (`root_run_id=`) or every run: by the journal's position (its rowid), which is
   commit order: SQLite gives each new row the next rowid, one transaction writes at a
   time, and prune never frees the largest. So this is exact too: a row is delivered once,
@@ -202,13 +202,15 @@ class _RunFollower(_Follower):
         self.min_at = min_at
         self.last = after_seq or 0
         self.after_seq = after_seq
-        self.last_at: float | None = None
-        """The time of the row delivered last (None before any): a row of that seq with
-        another time means the run was pruned and its id used again."""
+        self.holder: int | None = None
+        """The journal position of the row numbered `last` (None while unknown): the row
+        found there later is another if the run was pruned and its id used again."""
 
     async def start(self) -> None:
         if self.after_seq is None:
             self.last = await _start_seq(self.store, self.run_id, self.min_at)
+        if self.last:
+            self.holder = (await self.store.run_journal(self.run_id, self.last)).holder
 
     async def poll(self) -> list[TransitionRecord]:
         if self.root_run_id is not None:
@@ -219,18 +221,16 @@ class _RunFollower(_Follower):
                 self.finished = True
                 return []
             self.root_run_id = None  # checked once: a run never changes trees
-        if self.last_at is None:
-            rows = await self.store.history(self.run_id, after_seq=self.last)
-        else:  # read the last delivered row again: is it still there?
-            rows = await self.store.history(self.run_id, after_seq=self.last - 1)
-            if rows and rows[0].seq == self.last and rows[0].at == self.last_at:
-                del rows[0]
-            else:  # pruned (and maybe started again under its id): a fresh run from 1
-                self.last, self.last_at = 0, None  # one query a poll while it is gone
-                rows = await self.store.history(self.run_id, after_seq=0)
-        if rows:
-            self.last, self.last_at = rows[-1].seq, rows[-1].at
-        return rows
+        page = await self.store.run_journal(self.run_id, self.last)
+        if self.holder is None:
+            self.holder = page.holder  # an `after_seq` the run had not reached at the start
+        elif page.holder != self.holder:
+            # Pruned (and maybe started again under its id): a fresh run, from its first row.
+            self.last, self.holder = 0, None
+            page = await self.store.run_journal(self.run_id, 0)
+        if page.rows:
+            self.last, self.holder = page.rows[-1].seq, page.end
+        return page.rows
 
     async def settled(self) -> bool:
         return await _is_settled(self.store, self.run_id, self.last)

@@ -153,6 +153,19 @@ class JournalPage(NamedTuple):
     """True when the step stopped at its limit: more rows are committed already."""
 
 
+class RunJournal(NamedTuple):
+    """One step of `Store.run_journal`."""
+
+    holder: int | None
+    """The position of the stored row that holds the row `after_seq` (None: there is no such
+    row, or `after_seq` is 0). Positions are never given twice, so another one means the
+    run was pruned and its id used again."""
+    rows: list[TransitionRecord]
+    """The run's rows after `after_seq`, in order."""
+    end: int | None
+    """The position of the stored row that holds the last of `rows` (None: no rows)."""
+
+
 class Store(Protocol):
     """Durable storage of runs and their journals."""
 
@@ -241,6 +254,10 @@ class Store(Protocol):
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         """The run's journal rows after `after_seq`, in order."""
+
+    async def run_journal(self, run_id: str, after_seq: int = 0) -> RunJournal:
+        """The run's journal rows after `after_seq`, with the positions that tell this run
+        from another run given its id later (for live events)."""
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         """The rows a driver needs to continue a run: created, succeeded, reused, skipped,

@@ -35,6 +35,7 @@ from .base import (
     NewRun,
     NewTransition,
     PrunePage,
+    RunJournal,
     RunRecord,
     TransitionRecord,
 )
@@ -835,6 +836,26 @@ class SQLiteStore:
             (run_id, after_seq),
         )
         return [t for t in batched.expand(rows) if t.seq > after_seq]
+
+    async def run_journal(self, run_id: str, after_seq: int = 0) -> RunJournal:
+        # From the stored row before `after_seq`: row `after_seq` may be folded into it.
+        stored = await self._read(
+            f"SELECT rowid, {batched.STORED_FIELDS} FROM transitions WHERE run_id = ? "
+            "AND seq >= ? ORDER BY seq",
+            (run_id, after_seq - 1),
+        )
+        holder: int | None = None
+        end: int | None = None
+        rows: list[TransitionRecord] = []
+        for r in stored:
+            first = r[2]  # the seq of its first row; a folded row holds seq + 1 too
+            last = first + 1 if r[10] is not None else first
+            if first <= after_seq <= last and after_seq:
+                holder = r[0]
+            if last > after_seq:
+                rows += [t for t in batched.expand([r[1:]]) if t.seq > after_seq]
+                end = r[0]
+        return RunJournal(holder, rows, end)
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
         # Of the `paused` rows only the last: each lists every pause open then, gates with
