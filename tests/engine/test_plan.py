@@ -544,6 +544,40 @@ async def test_each_pipeline_is_held_to_the_limits_the_engine_applies_to_it(db: 
     ]
 
 
+def _pick(count: int) -> str:
+    return "light" if count < 100 else "heavy"
+
+
+def _large(step_a: int) -> bool:
+    return step_a >= 100
+
+
+async def test_a_limit_passed_only_on_a_path_some_inputs_take_is_a_warning(db: Path) -> None:
+    """A strict child that only a branch option or a `when` may launch: the engine runs the
+    tree for inputs that do not take that path, so the plan warns and does not refuse it
+    (the review of the limits change found it reported as a problem)."""
+    strict = ws.Limits(max_total_stages=2)
+    light = ws.Pipeline("light", [step_a])
+    heavy = ws.Pipeline("heavy", [step_a, step_b, step_c], limits=strict)
+    by_branch = ws.Pipeline(
+        "by_branch", [ws.branch("route", _pick, {"light": light, "heavy": heavy})]
+    )
+    by_when = ws.Pipeline("by_when", [step_a, heavy.as_stage(when=_large)])
+    async with ws.Engine.open(db, pipelines=[by_branch, by_when]) as engine:
+        for p in (by_branch, by_when):
+            run = await engine.start(p, {"count": 1})
+            assert run.status == "succeeded", run.error
+            plan = engine.plan(p, {"count": 1})
+            assert plan.ok, plan.problems
+            (warning,) = [w for w in plan.warnings if "max_total_stages" in w]
+            assert warning.endswith(
+                "more than max_total_stages 2 (the limits of pipeline 'heavy'), if this path runs"
+            )
+        heavy_run = await engine.start(by_when, {"count": 100})
+    assert heavy_run.status == "failed" and heavy_run.error is not None
+    assert "max_total_stages 2 exceeded" in heavy_run.error.message
+
+
 @ws.stage
 async def refine(draft: str, rounds: int) -> Summary:
     return Summary(total=rounds, label=draft)

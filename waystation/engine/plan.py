@@ -281,7 +281,8 @@ def make_plan(pipeline: Pipeline, input: Any = None, *, limits: Limits | None = 
     steps, count = planner.pipeline(pipeline, pipeline.name, 0, [])
     # The engine counts stage executions only in trees that launch children.
     if planner.depth:
-        planner.problems.extend(planner.over_total)
+        for message, maybe in planner.over_total:
+            (planner.warnings if maybe else planner.problems).append(message)
     root_limits = pipeline.limits or planner.limits
     return Plan(
         pipeline=pipeline.name,
@@ -308,8 +309,9 @@ class _Planner:
         self.limits = limits
         self.problems: list[str] = []
         self.warnings: list[str] = []
-        self.over_total: list[str] = []
-        """Stage executions past `max_total_stages`: problems if the tree has children."""
+        self.over_total: list[tuple[str, bool]] = []
+        """Stage executions past `max_total_stages`, and whether on a path that only some
+        inputs take: problems (warnings for those) if the tree has children."""
         self.depth = 0
 
     # -- a pipeline --------------------------------------------------------------------------
@@ -322,6 +324,7 @@ class _Planner:
         stack: list[str],
         beyond: bool = False,
         before: int = 0,
+        maybe: bool = False,
     ) -> tuple[list[PlanStep], int]:
         """The steps of `p` and the least number of stage executions of its tree.
 
@@ -343,7 +346,7 @@ class _Planner:
         limits = p.limits or self.limits
         over = False
         for i, s in enumerate(p.stages):
-            ctx = _Where(p, prefix, depth, stack, beyond, before + count)
+            ctx = _Where(p, prefix, depth, stack, beyond, before + count, maybe)
             if s.kind == "parallel":
                 step, n, own = self.group(ctx, i, s)
             else:
@@ -355,8 +358,12 @@ class _Planner:
                 over = True
                 whose = f"the limits of pipeline {p.name!r}" if p.limits else "the engine's limits"
                 self.over_total.append(
-                    f"{prefix}.{s.name}: at least {reached} stage executions in the tree by "
-                    f"then, more than max_total_stages {limits.max_total_stages} ({whose})"
+                    (
+                        f"{prefix}.{s.name}: at least {reached} stage executions in the tree "
+                        f"by then, more than max_total_stages {limits.max_total_stages} "
+                        f"({whose})" + (", if this path runs" if maybe else ""),
+                        maybe,
+                    )
                 )
             count += n
         return steps, count
@@ -416,6 +423,8 @@ class _Planner:
             step = PlanStep(kind="gate", returns=type_name(s.schema), reason=s.reason, **common)
             return step, 0
         if s.kind == "child" and isinstance(s.compose, ChildSpec):
+            if s.when is not None:  # the child runs only when the condition holds
+                ctx = dataclasses.replace(ctx, maybe=True)
             step, n = self.child(ctx, s, s.compose, path, local, bindings, common)
             # The engine counts the child stage's attempt, then the child's own stages;
             # launching the child only checks the count, it adds nothing to it.
@@ -494,6 +503,8 @@ class _Planner:
         self.check_selector(path, spec)
         options: list[PlanStep] = []
         counts: list[int] = []
+        if len(spec.pipelines) > 1:  # the selector picks one option per input
+            ctx = dataclasses.replace(ctx, maybe=True)
         for key, child in spec.pipelines.items():
             params = self.child_inputs(ctx, path, child, {}, by_name, s.params)
             steps, n = self.descend(ctx, path, f"{ctx.prefix} > {local}[{key}]", child)
@@ -535,7 +546,9 @@ class _Planner:
                 f"beyond max_depth {limits.max_depth}"
             )
         # The child starts after the attempt of the stage that launches it.
-        return self.pipeline(child, prefix, ctx.depth + 1, ctx.stack, beyond, ctx.before + 1)
+        return self.pipeline(
+            child, prefix, ctx.depth + 1, ctx.stack, beyond, ctx.before + 1, ctx.maybe
+        )
 
     def child_inputs(
         self,
@@ -801,6 +814,9 @@ class _Where:
     beyond: bool
     before: int
     """The least stage executions of the whole tree before this stage starts."""
+    maybe: bool = False
+    """True on a path that runs only for some inputs: under a `when`, or one of several
+    options of a branch."""
 
 
 def _producer(p: Pipeline, b: Binding) -> Stage:
