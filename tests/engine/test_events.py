@@ -485,6 +485,50 @@ async def test_until_settled_stops_at_a_pause_and_at_completion(db: Path) -> Non
         assert rest[0].event == "resumed" and rest[-1].event == "completed"
 
 
+class SlowEndStore(ws.SQLiteStore):
+    """A store whose `journal_end` is read only once `go` is set: the root commits meanwhile,
+    as it may on a loaded machine between a stream's first two reads."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def journal_end(self) -> int:
+        self.asked.set()
+        await self.go.wait()
+        return await super().journal_end()
+
+
+async def test_until_settled_ends_when_the_root_settles_as_the_stream_starts(db: Path) -> None:
+    """Before, the stream read the root's position in its journal before the journal's end:
+    rows the root committed in between were neither delivered nor counted, and the stream
+    waited for them for ever."""
+    store = SlowEndStore(db)
+    async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
+        paused = await engine.start(gated, {"n": 1}, run_id="gated-9")
+        assert paused.status == "paused"
+        async with ws.Engine.open(store, recover=False) as watcher:
+            got: list[ws.Transition] = []
+
+            async def listen() -> None:
+                stream = subscribe(
+                    watcher, root_run_id="gated-9", until_settled=True, poll_interval=0.01
+                )
+                async with contextlib.aclosing(stream) as events:
+                    got.extend([t async for t in events])
+
+            with anyio.fail_after(LIMIT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(listen)
+                    await store.asked.wait()
+                    done = await engine.resume("gated-9", {"ok": True})
+                    assert done.status == "succeeded"
+                    store.go.set()
+    # The stream ended; the rows committed before its position count as before it.
+    assert got == []
+
+
 async def test_until_settled_passes_a_handled_failure_and_stops_at_a_final_one(db: Path) -> None:
     async with ws.Engine.open(db, pipelines=PIPELINES) as engine:
         streams = {

@@ -252,12 +252,14 @@ class _JournalFollower(_Follower):
         before the stream)."""
 
     async def start(self) -> None:
-        if self.watch_root and self.root_run_id is not None:
-            self.root_seq = await _start_seq(self.store, self.root_run_id, self.since)
         if self.since is None:
             self.position = await self.store.journal_end()
         else:
             self.position = await self.store.journal_position(self.since)
+        # After the position: a root row committed in between is then either counted here
+        # or delivered, never neither (or until_settled would wait for it for ever).
+        if self.watch_root and self.root_run_id is not None:
+            self.root_seq = await _start_seq(self.store, self.root_run_id, self.since)
 
     async def poll(self) -> list[TransitionRecord]:
         page = await self.store.journal_after(
