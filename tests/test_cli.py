@@ -8,7 +8,6 @@ import asyncio
 import importlib
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -531,90 +530,6 @@ def test_an_empty_file_is_refused_and_left_empty(cli: Cli, tmp_path: Path) -> No
         assert out.stderr.startswith(f"error: {empty}: an empty file, not a waystation")
     assert empty.stat().st_size == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.db"]
-
-
-@pytest.fixture
-def mounted(tmp_path: Path) -> Iterator[Path]:
-    """A small tmpfs mounted for the test, to be remounted read-only (skipped where
-    mounting is not permitted)."""
-    mount = shutil.which("mount")
-    if mount is None or os.geteuid() != 0:
-        pytest.skip("needs root and mount(8) to make a read-only file system")
-    target = tmp_path / "media"
-    target.mkdir()
-    done = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(target)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
-
-
-def remount_read_only(target: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(target)], check=True)
-    assert os.statvfs(target).f_flag & os.ST_RDONLY
-
-
-def test_reading_commands_on_a_read_only_file_system(
-    cli: Cli, app: ModuleType, mounted: Path
-) -> None:
-    """Before, they failed with 'unable to open database file': SQLite reads a WAL database
-    through its -shm file, which it cannot create on a read-only file system."""
-    db = mounted / "runs.db"
-    run = start(db, app)
-    assert sorted(p.name for p in mounted.iterdir()) == ["runs.db"]  # no -wal, no -shm
-    remount_read_only(mounted)
-    for command in (["runs"], ["show", run.run_id], ["history", run.run_id]):
-        out = cli(*command, db=db)
-        assert out.returncode == 0, (command, out.stderr)
-        assert run.run_id in out.stdout
-    assert "status     paused" in cli("show", run.run_id, db=db).stdout
-    assert [r["run_id"] for r in json.loads(cli("runs", "--json", db=db).stdout)] == [run.run_id]
-    out = cli("cancel", run.run_id, db=db)
-    assert out.returncode == 1 and "readonly database" in out.stderr, out.stderr
-
-
-DIES_AFTER_A_RUN = f"""
-import asyncio, os, sys
-import waystation as ws
-import {APP_MODULE} as app
-
-async def go():
-    engine = await ws.Engine.open(sys.argv[1], pipelines=app.pipelines)
-    print((await engine.start(app.expenses, {{"amount": 2.0}})).run_id, flush=True)
-    os._exit(0)  # without closing: the run's commits stay in the -wal file
-
-asyncio.run(go())
-"""
-
-
-def test_a_read_only_file_system_with_commits_in_the_wal_file(
-    cli: Cli, app: ModuleType, app_dir: Path, mounted: Path
-) -> None:
-    """A database left with commits in its -wal file (its writer died) and then made
-    read-only is read with them: not opened immutable, which would skip the -wal file."""
-    db = mounted / "runs.db"
-    first = start(db, app)
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(app_dir), str(ROOT)])}
-    done = subprocess.run(
-        [sys.executable, "-c", DIES_AFTER_A_RUN, str(db)],
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    second = done.stdout.strip()
-    assert os.path.getsize(f"{db}-wal") > 0
-    remount_read_only(mounted)
-    out = cli("runs", "--json", db=db)
-    assert out.returncode == 0, out.stderr
-    assert [r["run_id"] for r in json.loads(out.stdout)] == [first.run_id, second]
 
 
 def test_a_file_that_is_not_a_database(cli: Cli, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ from .engine.pipeline import Pipeline
 from .engine.plan import make_plan
 from .errors import InvalidInput, InvalidResumeInput, StoreError, WaystationError
 from .migrations import current_version
-from .store.sqlite import SQLiteStore, read_only_uri
+from .store.sqlite import SQLiteStore
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -1009,8 +1009,7 @@ def _schema_version(path: str) -> int:
     if not os.path.exists(path) or os.path.isdir(path):
         return 0
     try:
-        uri = read_only_uri(path)
-        conn = sqlite3.connect(uri or path, uri=bool(uri))
+        conn = sqlite3.connect(path)
     except sqlite3.Error as exc:
         raise StoreError(f"{path}: cannot open: {exc}") from exc
     try:

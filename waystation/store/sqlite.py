@@ -19,7 +19,6 @@ import queue
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, Literal
 
@@ -59,33 +58,8 @@ def _transition(row: Any) -> TransitionRecord:
     return TransitionRecord(*row)
 
 
-def read_only_uri(path: str) -> str | None:
-    """A URI that opens the database file `path` immutable, when it lies on a read-only file
-    system with no WAL content beside it; None otherwise (open it by its name)."""
-    # SQLite reads a WAL database only through its -shm file, which it cannot create on a
-    # read-only file system, so the open fails. There no one can write the file either:
-    # SQLite may then skip its locks and the -shm file (`immutable`). Immutable also skips
-    # the -wal file, so a -wal file that holds commits is left to the ordinary open.
-    if not os.path.isfile(path):
-        return None
-    try:
-        if not os.statvfs(os.path.dirname(os.path.abspath(path))).f_flag & os.ST_RDONLY:
-            return None
-    except (AttributeError, OSError):  # no statvfs (Windows): open it by its name
-        return None
-    try:
-        if os.path.getsize(f"{path}-wal") > 0:
-            return None
-    except OSError:
-        pass  # no -wal file, nothing that immutable would miss
-    return f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro&immutable=1"
-
-
 def _connect(path: str, durability: Durability) -> sqlite3.Connection:
-    uri = read_only_uri(path)
-    conn = sqlite3.connect(
-        uri or path, isolation_level=None, check_same_thread=False, timeout=30.0, uri=bool(uri)
-    )
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     try:
         # Look before touching: a foreign file must be refused before it is switched to WAL.
         migrations.current_version(conn)
@@ -388,10 +362,7 @@ class SQLiteStore:
                 raise NotAWaystationDatabase(f"{self.path}: {exc}") from exc
             raise StoreError(f"{self.path}: cannot use the database: {exc}") from exc
         self._writer = _Writer(conn, self.path)
-        uri = read_only_uri(self.path)
-        self._reader = await aiosqlite.connect(
-            uri or self.path, isolation_level=None, uri=bool(uri)
-        )
+        self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
 
     async def close(self) -> None:
