@@ -800,13 +800,7 @@ class SQLiteStore:
         return int(row[0]) if row and row[0] is not None else 0
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
-        rows = await self._read(
-            # From the row at `after_seq`: what is folded into it comes after it.
-            f"SELECT {batched.STORED_FIELDS} FROM transitions WHERE run_id = ? AND seq >= ? "
-            "ORDER BY seq",
-            (run_id, after_seq),
-        )
-        return [t for t in batched.expand(rows) if t.seq > after_seq]
+        return (await self.run_journal(run_id, after_seq)).rows
 
     async def run_journal(self, run_id: str, after_seq: int = 0) -> RunJournal:
         # From the stored row before `after_seq`: row `after_seq` may be folded into it.
@@ -816,16 +810,12 @@ class SQLiteStore:
             (run_id, after_seq - 1),
         )
         holder: int | None = None
-        end: int | None = None
-        rows: list[TransitionRecord] = []
-        for r in stored:
-            first = r[2]  # the seq of its first row; a folded row holds seq + 1 too
-            last = first + 1 if r[10] is not None else first
-            if first <= after_seq <= last and after_seq:
-                holder = r[0]
-            if last > after_seq:
-                rows += [t for t in batched.expand([r[1:]]) if t.seq > after_seq]
-                end = r[0]
+        if after_seq:
+            for r in stored[:2]:  # r[2]: the row's seq; a folded row (r[10]) holds seq + 1
+                if r[2] <= after_seq <= r[2] + (r[10] is not None):
+                    holder = r[0]
+        rows = [t for t in batched.expand([r[1:] for r in stored]) if t.seq > after_seq]
+        end = stored[-1][0] if rows else None
         return RunJournal(holder, rows, end)
 
     async def stage_results(self, run_id: str) -> list[TransitionRecord]:
