@@ -3,6 +3,7 @@ survive a restart, scheduled starts, pause expiry, compensation (also across a c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sqlite3
@@ -51,6 +52,24 @@ async def _until(engine: ws.Engine, run_id: str, *statuses: str) -> ws.Run:
 
 async def _settled(engine: ws.Engine, run_id: str) -> ws.Run:
     return await _until(engine, run_id, "succeeded", "failed", "cancelled")
+
+
+def test_one_manual_clock_serves_engines_in_two_event_loops(tmp_path: Path) -> None:
+    """A test suite may keep one clock while each test runs in an event loop of its own."""
+    clock = ws.ManualClock(start=1_000_000.0)
+
+    async def nap_through(db: Path) -> ws.Run:
+        async with ws.Engine.open(db, pipelines=[napping], clock=clock) as engine:
+            run = await engine.submit(napping, {"n": 1})
+            await _until(engine, run.run_id, "pending")
+            clock.advance(2 * DAY)
+            return await _settled(engine, run.run_id)
+
+    calls.clear()
+    first = asyncio.run(nap_through(tmp_path / "first.db"))
+    second = asyncio.run(nap_through(tmp_path / "second.db"))  # a new loop, the same clock
+    assert (first.status, second.status) == ("succeeded", "succeeded")
+    assert calls == Counter({"prepare": 2, "finish": 2})
 
 
 async def test_a_sleep_survives_a_restart_and_wakes_on_time(db: Path) -> None:
