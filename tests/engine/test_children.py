@@ -832,7 +832,7 @@ reviewing = ws.Pipeline("reviewing", [extract, ws.gate("asked", schema=Review)])
 async def test_wait_for_all_with_a_failed_and_a_paused_child(db: Path) -> None:
     """The same through one `map_children` call: its stage fails with the failed child's
     error, and the sibling paused at its gate is cancelled with it (answering it could do
-    nothing for its parent: a retry of the parent launches its children afresh)."""
+    nothing for its parent: a retry of the parent launches it afresh)."""
 
     @ws.stage
     async def fan(ctx: ws.StageContext) -> list[Any]:
@@ -1030,8 +1030,8 @@ async def test_a_group_failing_cancels_the_paused_child_of_a_branch(db: Path) ->
 
 async def test_a_retried_map_cancels_the_paused_children_of_its_failed_attempt(db: Path) -> None:
     """Attempt 1 of a `map_children` stage: one child fails, one pauses. The stage is
-    retried (its `Retry`), and attempt 2 launches both afresh. Attempt 1's paused child
-    must not stay open beside attempt 2's (answering it would go nowhere)."""
+    retried (its `Retry`), and attempt 2 launches both afresh (neither succeeded). Attempt
+    1's paused child must not stay open beside attempt 2's (answering it would go nowhere)."""
     flaky = Counter[str]()
 
     @ws.stage
@@ -1089,9 +1089,12 @@ async def test_a_retry_racing_the_failure_walk_keeps_its_new_children(db: Path) 
     async with ws.Engine.open(db, pipelines=[parent, asking_or_bad]) as engine:
         list_runs = engine.store.list_runs
         retried: list[ws.Run] = []
+        walked = False
 
         async def retry_first(**kw: Any) -> Any:
-            if kw.get("parent_run_id") == run_id and not retried:
+            nonlocal walked
+            if kw.get("parent_run_id") == run_id and not walked:
+                walked = True  # the walk's first look; the retry's own looks go through
                 retried.append(await engine.retry(run_id))  # waits: it pauses on its child
             return await list_runs(**kw)
 
@@ -1122,6 +1125,103 @@ async def test_a_retry_racing_the_failure_walk_keeps_its_new_children(db: Path) 
                 }
             )
             assert (await engine.get(run_id)).status == "paused"
+
+
+# -- a new attempt takes the children an earlier one finished --------------------------------
+
+checked: Counter[str] = Counter()
+
+
+@ws.stage
+async def check(doc: str) -> str:
+    checked[doc] += 1
+    if doc.startswith("flaky") and checked[doc] == 1:
+        raise ValueError(f"{doc}: down the first time")
+    return doc.upper()
+
+
+checking = ws.Pipeline("checking", [check])
+
+
+async def test_a_retried_map_takes_the_children_that_succeeded_before(db: Path) -> None:
+    """Attempt 1 of a map: two children succeed, one fails. Attempt 2 (the stage's Retry)
+    takes the two finished outputs and launches only the failed call again."""
+    checked.clear()
+
+    @ws.stage(retry=ws.Retry(attempts=2))
+    async def fan(ctx: ws.StageContext) -> list[Any]:
+        docs = ["a", "flaky-b", "c"]
+        return await ws.map_children(ctx, checking, [{"doc": d} for d in docs])
+
+    parent = ws.Pipeline("fan-reused", [fan])
+    async with ws.Engine.open(db, pipelines=[parent, checking]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "succeeded" and run.output == ["A", "FLAKY-B", "C"]
+        assert checked == Counter({"a": 1, "flaky-b": 2, "c": 1})
+        kids = Counter((str(k.input), k.status) for k in await children_of(engine, run.run_id))
+        assert kids == Counter(
+            {
+                ("{'doc': 'a'}", "succeeded"): 1,
+                ("{'doc': 'flaky-b'}", "failed"): 1,  # attempt 1
+                ("{'doc': 'flaky-b'}", "succeeded"): 1,  # attempt 2
+                ("{'doc': 'c'}", "succeeded"): 1,
+            }
+        )
+
+
+async def test_engine_retry_takes_the_children_that_succeeded_before(db: Path) -> None:
+    """The same through `engine.retry` of the failed run, over a restart: and a call whose
+    input changed in the new attempt gets a new child."""
+    checked.clear()
+    docs = ["a", "flaky-b", "c"]
+
+    @ws.stage
+    async def fan(ctx: ws.StageContext) -> list[Any]:
+        return await ws.map_children(ctx, checking, [{"doc": d} for d in docs])
+
+    parent = ws.Pipeline("fan-retried-run", [fan])
+    async with ws.Engine.open(db, pipelines=[parent, checking]) as engine:
+        with anyio.fail_after(SAFETY):
+            failed = await engine.start(parent)
+    assert failed.status == "failed" and checked == Counter({"a": 1, "flaky-b": 1, "c": 1})
+    docs[2] = "d"  # the retried stage asks for another third document
+    async with ws.Engine.open(db, pipelines=[parent, checking]) as engine:
+        with anyio.fail_after(SAFETY):
+            done = await engine.retry(failed.run_id)
+        assert done.status == "succeeded" and done.output == ["A", "FLAKY-B", "D"]
+        kids = await children_of(engine, failed.run_id)
+    assert checked == Counter({"a": 1, "flaky-b": 2, "c": 1, "d": 1})
+    assert Counter(k.status for k in kids) == Counter({"succeeded": 4, "failed": 1})
+
+
+async def test_a_retried_branch_takes_its_child_that_succeeded_before(db: Path) -> None:
+    """A branch of a parallel group launches a child, then fails; its Retry takes the
+    child's output instead of running it again (the other branch's key is not taken)."""
+    checked.clear()
+    tries = Counter[str]()
+
+    @ws.stage(retry=ws.Retry(attempts=2))
+    async def left(ctx: ws.StageContext) -> str:
+        got = await ctx.run_child(checking, {"doc": "x"})
+        tries["left"] += 1
+        if tries["left"] == 1:
+            raise RuntimeError("after the child, the first time")
+        return str(got)
+
+    @ws.stage
+    async def right(ctx: ws.StageContext) -> str:
+        return str(await ctx.run_child(checking, {"doc": "x"}))
+
+    parent = ws.Pipeline("branches-reused", [ws.parallel(left, right, name="both")])
+    async with ws.Engine.open(db, pipelines=[parent, checking]) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(parent)
+        assert run.status == "succeeded"
+        assert run.output == {"left": "X", "right": "X"}
+        kids = await children_of(engine, run.run_id)
+    assert checked == Counter({"x": 2})  # one child per branch, the left one not run again
+    assert len(kids) == 2
 
 
 # -- a parent waiting on a child that sleeps durably -------------------------------------------

@@ -4,7 +4,9 @@
 here, so linkage (parent, root, kind, depth), budgets, deterministic keys and waiting behave
 the same for all of them. A child's key is (parent run, stage, attempt, call order): a parent
 stage that runs again after a crash, a pause or a resume finds its children by key and gets
-the finished ones' outputs back instead of launching them again.
+the finished ones' outputs back instead of launching them again. A new attempt of the stage
+has keys of its own, but takes the output of a child an earlier attempt's same call ran to
+success with the same pipeline and input (`_earlier_success`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ class ChildRunner:
             before = await self._legacy_branch_child(parent, ctx, call)
             if before is not None:
                 return before.run_id
+        if ctx.attempt > 1 or state.generations.get(i, 0):
+            earlier = await self._earlier_success(parent, ctx, p, text, call)
+            if earlier is not None:
+                return earlier
         created, record = await engine.store.create_run(
             NewRun(
                 run_id=child_id,
@@ -177,6 +183,57 @@ class ChildRunner:
             child_state.lineage = (*state.lineage, state.run_id)
             engine._launch_new(p, child_state, record)
         return record.run_id
+
+    async def _earlier_success(
+        self, parent: Driver, ctx: StageContext, p: Pipeline, text: str, call: int
+    ) -> str | None:
+        """The child this call launched in an earlier attempt of the stage, if it succeeded
+        with the same pipeline (version and code) and the same input: a new attempt (the
+        stage's `Retry`, or `engine.retry`) takes its output instead of running it again.
+        None if there is none, or if this attempt launched the call already (its own key
+        finds that child)."""
+        i = ctx.stage_index
+        here = (parent.state.generations.get(i, 0), ctx.attempt)
+        path = ctx.stage_path if ctx._in_branch else None
+        for attempt, record in (await self._earlier_children(parent, ctx)).get((call, path), []):
+            if attempt >= here:
+                return None
+            if (
+                record.status == "succeeded"
+                and record.pipeline == p.name
+                and record.pipeline_version == p.version
+                and record.fingerprint == p.fingerprint
+                and record.input == text
+            ):
+                log.info(
+                    "run %s stage %s attempt %d: child %s of an earlier attempt succeeded; "
+                    "its output is taken",
+                    parent.run_id,
+                    ctx.stage_path,
+                    ctx.attempt,
+                    record.run_id,
+                )
+                return record.run_id
+        return None
+
+    async def _earlier_children(
+        self, parent: Driver, ctx: StageContext
+    ) -> dict[tuple[int, str | None], list[tuple[tuple[int, int], RunRecord]]]:
+        """The children the stage has launched, by (call, branch path), newest attempt
+        first: read once per attempt (a map's calls share it), on new attempts only."""
+        found = ctx._earlier
+        if found is None:
+            if ctx._earlier_lock is None:
+                ctx._earlier_lock = anyio.Lock()
+            async with ctx._earlier_lock:
+                found = ctx._earlier
+                if found is None:
+                    prefix = _child_prefix(parent.run_id, ctx.stage_index)
+                    children = await self.engine.store.list_runs(
+                        parent_run_id=parent.run_id, limit=100_000
+                    )
+                    found = ctx._earlier = _by_call(prefix, children)
+        return found
 
     async def _settle(
         self, parent: Driver, p: Pipeline, child_id: str, chain: str, stage_outputs: bool
@@ -487,6 +544,30 @@ def _legacy_key(parent: Driver, ctx: StageContext, call: int) -> str:
     i = ctx.stage_index
     generation = parent.state.generations.get(i, 0)
     return f"{_child_prefix(parent.run_id, i)}{generation}.{ctx.attempt}/{call}"
+
+
+def _by_call(
+    prefix: str, children: list[RunRecord]
+) -> dict[tuple[int, str | None], list[tuple[tuple[int, int], RunRecord]]]:
+    """Children keyed under `prefix` (`_child_key`: `<generation>.<attempt>/<call>`, then
+    `@<branch path>` in a parallel group), by (call, path), newest attempt first."""
+    out: dict[tuple[int, str | None], list[tuple[tuple[int, int], RunRecord]]] = {}
+    for record in children:
+        key = record.idempotency_key
+        if key is None or not key.startswith(prefix):
+            continue
+        head, at, path = key[len(prefix) :].partition("@")
+        attempt, _, call = head.partition("/")
+        generation, _, number = attempt.partition(".")
+        try:
+            found = ((int(generation), int(number)), record)
+            slot = (int(call), path if at else None)
+        except ValueError:  # not a key of this shape
+            continue
+        out.setdefault(slot, []).append(found)
+    for found_list in out.values():
+        found_list.sort(key=lambda item: item[0], reverse=True)
+    return out
 
 
 def _failure_chain(p: Pipeline, record: RunRecord, chain: str) -> str:

@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from ..store import codec
 
 if TYPE_CHECKING:
+    import anyio
+
+    from ..store.base import RunRecord
     from .models import Pause
     from .pipeline import Pipeline
     from .runner import Driver
@@ -59,6 +62,8 @@ class StageContext:
         "_answers",
         "_calls",
         "_driver",
+        "_earlier",
+        "_earlier_lock",
         "_pauses",
         "_sleeps",
         "_slept",
@@ -102,6 +107,11 @@ class StageContext:
         self._slept = 0
         self._calls = 0
         self._driver = driver
+        self._earlier: (
+            dict[tuple[int, str | None], list[tuple[tuple[int, int], RunRecord]]] | None
+        ) = None
+        """The children the stage's attempts launched (`ChildRunner`), once read."""
+        self._earlier_lock: anyio.Lock | None = None
 
     @property
     def idempotency_key(self) -> str:

@@ -1199,7 +1199,7 @@ class Engine:
     async def _failed(self, record: RunRecord, failed_at: float) -> None:
         """A run has failed (committed at `failed_at`): children it left open (paused at a
         gate, say, while a sibling failed) can do nothing for it any more (a retry launches
-        its children afresh), so they are cancelled rather than left waiting for answers
+        them afresh), so they are cancelled rather than left waiting for answers
         that would go nowhere. Children created after the failure (by a retry of the run
         that came meanwhile) are its new attempt's and are left alone."""
         try:
