@@ -250,6 +250,113 @@ async def test_max_children_per_stage(db: Path) -> None:
         assert "max_children 3 exceeded" in run.error.message
 
 
+# -- max_total_stages: one count, whoever counts it and whenever ----------------------------
+
+
+@ws.stage
+async def limit_begin(n: int) -> int:
+    return n
+
+
+@ws.stage
+async def limit_leaf(n: int) -> int:
+    return n + 1
+
+
+@ws.stage
+async def limit_side(n: int) -> int:
+    return n
+
+
+@ws.stage
+async def limit_other(n: int) -> int:
+    return n
+
+
+@ws.stage(when=lambda n: n < 0)
+async def limit_skipped(n: int) -> int:
+    return n
+
+
+@ws.stage(retry=ws.Retry(attempts=2))
+async def limit_flaky(n: int, ctx: ws.StageContext) -> int:
+    if ctx.attempt == 1:
+        raise ValueError("the first attempt fails")
+    return n
+
+
+limit_kid_a = ws.Pipeline("limit_kid_a", [limit_leaf])
+limit_kid_b = ws.Pipeline("limit_kid_b", [limit_leaf, ws.gate("kid_ok", schema=bool)])
+limited = ws.Pipeline(
+    "limited",
+    [
+        limit_begin,
+        ws.parallel(limit_kid_a, limit_side, name="fan_in"),
+        limit_skipped,
+        limit_flaky,
+        ws.gate("limit_ok", schema=bool),
+        ws.parallel(limit_kid_b, limit_other, name="fan_out"),
+    ],
+)
+
+
+async def _run_limited(db: Path, limit: int, *, restart: bool) -> ws.Run:
+    """Run `limited` under `max_total_stages=limit`, answering each pause: in the same
+    engine, or (`restart`) in a new one opened on the file after the first is closed."""
+    limits = ws.Limits(max_total_stages=limit)
+    async with ws.Engine.open(db, pipelines=[limited], limits=limits) as engine:
+        run = await engine.start(limited, {"n": 1})
+        while run.status == "paused" and not restart:
+            run = await engine.resume(run.run_id, True, timeout=SAFETY)
+    while run.status == "paused":
+        async with ws.Engine.open(db, pipelines=[limited], limits=limits) as engine:
+            run = await engine.resume(run.run_id, True, timeout=SAFETY)
+    return run
+
+
+async def _started_rows(engine: ws.Engine, root_run_id: str) -> int:
+    """The `started` and `retrying` rows of a tree's journals."""
+    stack, rows = [await engine.tree(root_run_id)], 0
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        history = await engine.history(node.run.run_id)
+        rows += sum(t.event in ("started", "retrying") for t in history)
+    return rows
+
+
+async def test_max_total_stages_counts_the_journal_whoever_counts_it(tmp_path: Path) -> None:
+    """The tree (two groups that each launch a child, a stage its `when` skips, a retry, a
+    gate in the root and one in a child) needs exactly as many stage executions as its
+    journals hold `started` and `retrying` rows, whether one engine runs it or each pause
+    is answered by a new engine that reloads the count from the journal. Before, a
+    driver's running count left out gates, groups and skipped stages that the journal's
+    count (read when a tree's count was first needed) had in: the limit that applied
+    depended on where the first child was launched and on restarts."""
+    free = await _run_limited(tmp_path / "free.db", 10_000, restart=False)
+    assert free.status == "succeeded", free.error
+    async with ws.Engine.open(tmp_path / "free.db", pipelines=[limited]) as engine:
+        needed = await _started_rows(engine, free.run_id)
+    # The root's 11 (its 6 stages, 4 branches, a retry), 1 as `fan_out` is entered again
+    # to take in the child's answer (its unfinished branch starts again), the children's 3.
+    assert needed == 15
+    outcomes = {}
+    for limit in range(needed - 7, needed + 2):
+        for restart in (False, True):
+            run = await _run_limited(tmp_path / f"{limit}-{restart}.db", limit, restart=restart)
+            outcomes[limit, restart] = run.status
+            if run.status == "failed":
+                assert run.error is not None
+                assert f"max_total_stages {limit} exceeded" in run.error.message
+    assert outcomes == {
+        (limit, restart): "succeeded" if limit >= needed else "failed"
+        for limit in range(needed - 7, needed + 2)
+        for restart in (False, True)
+    }
+    # The plan counts as the engine does: all but the retry and the branch's second start.
+    assert ws.make_plan(limited).min_stage_executions == needed - 2
+
+
 def test_a_pipeline_that_includes_itself_is_rejected() -> None:
     inner = ws.Pipeline("loopy", [extract])
     with pytest.raises(ws.PipelineDefinitionError, match="loopy > loopy"):

@@ -704,7 +704,7 @@ def test_render_reads_as_an_indented_plan() -> None:
         f"plan of onboard v3 ({onboard.fingerprint}): ok",
         "input: count: int (the given input checked)",
         "limits of onboard: max_depth 8, max_total_stages 10000, max_children none",
-        "tree: child runs nest 1 deep, at least 11 stage executions",
+        "tree: child runs nest 1 deep, at least 13 stage executions",
         "",
         "  1. load(count=input.count) -> Batch",
         "  2. first: child run of review v1 (doc=load.docs.0) -> Scored",

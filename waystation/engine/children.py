@@ -17,7 +17,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +54,30 @@ class Limits:
     max_depth: int = 8
     """How deep children may nest (the root is depth 0)."""
     max_total_stages: int = 10_000
-    """Stage executions (attempts included) over the whole tree."""
+    """Stage executions over the whole tree: every stage, parallel branch and retry that
+    starts, as the journals' `started` and `retrying` rows count them (see `count_stage`)."""
     max_children: int | None = None
     """Child runs one stage execution may launch."""
+
+
+@dataclass(eq=False)
+class TreeCount:
+    """The stage executions of one tree: its journals' `started` and `retrying` rows."""
+
+    total: int = 0
+    counted: dict[str, int] = field(default_factory=dict)
+    """Per run, the journal position up to which its rows were read into `total`: a row
+    committed as the journal was read may be in it already."""
+    pending: list[tuple[str, int]] | None = field(default_factory=list)
+    """Rows committed here while the journal is read, as (run, seq); None once read."""
+    loaded: anyio.Event = field(default_factory=anyio.Event)
+
+    def add(self, run_id: str, seq: int) -> None:
+        """One more row, unless the journal was read with it in."""
+        if self.pending is not None:
+            self.pending.append((run_id, seq))
+        elif seq > self.counted.get(run_id, 0):
+            self.total += 1
 
 
 class ChildRunner:
@@ -64,8 +85,8 @@ class ChildRunner:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.tree_stages: dict[str, int] = {}
-        """Stage executions per root, counted here for trees that have children."""
+        self.trees: dict[str, TreeCount] = {}
+        """Stage executions per root, kept here for trees that have children."""
         self.workspaces: set[str] = set()
         """Roots whose runs made a workspace in this process (the others need no cleanup)."""
         self._changed: dict[str, anyio.Event] = {}
@@ -174,6 +195,7 @@ class ChildRunner:
             )
         )
         if created:
+            self.counted(state.root_run_id, child_id, record.seq)
             from .runner import RunState
 
             child_state = RunState.fresh(p, child_id, typed)
@@ -470,23 +492,74 @@ class ChildRunner:
     # -- budgets ---------------------------------------------------------------------------
 
     async def count_stage(self, driver: Driver, *, launching: bool = False) -> None:
-        """Count one stage execution against the tree's `max_total_stages` (trees with
-        children only); raise `BudgetExceeded` past it."""
+        """Hold the tree's stage executions to `max_total_stages` (the driver's pipeline's
+        limits, else the engine's); raise `BudgetExceeded` past it. Trees with children
+        only: a driver asks when `driver.counting`, and on launching a child, which makes
+        the launching root's tree one that counts.
+
+        The count is the journals' `started` and `retrying` rows: read from the store when
+        a tree is first asked about here, then kept by `counted` as this engine writes
+        such rows. So it is the same whether one engine ran the whole tree or another
+        read it back after a restart, and whichever run launched the first child."""
         state = driver.state
         root = state.root_run_id
-        counts = self.tree_stages
-        if root not in counts:
-            if not launching and state.depth == 0:
-                return
-            counts[root] = await self.engine.store.count_stage_executions(root)
-        elif not launching:
-            counts[root] += 1
+        tree = await self._tree(root)
+        if launching:
+            driver.counting = True
         limits = driver.pipeline.limits or self.engine.limits
-        if counts[root] > limits.max_total_stages:
+        if tree.total > limits.max_total_stages:
             raise BudgetExceeded(
-                f"max_total_stages {limits.max_total_stages} exceeded: {counts[root]} stage "
+                f"max_total_stages {limits.max_total_stages} exceeded: {tree.total} stage "
                 f"executions in the tree of {root} (at {state.chain})"
             )
+
+    async def count_tree_of(self, driver: Driver) -> bool:
+        """For a root run driven again (resumed, recovered, retried) whose pipeline may
+        launch children: read its tree's count if it has children. Whether it has."""
+        root = driver.state.root_run_id
+        if root in self.trees:
+            return True
+        tree = await self._tree(root)
+        if len(tree.counted) > 1:
+            return True
+        if self.trees.get(root) is tree:
+            del self.trees[root]  # no children: a root alone does not count
+        return False
+
+    def counted(self, root_run_id: str, run_id: str, seq: int) -> None:
+        """A `started` or `retrying` row of `run_id`, committed as journal position `seq`:
+        one more stage execution, if its tree is counted here."""
+        tree = self.trees.get(root_run_id)
+        if tree is not None:
+            tree.add(run_id, seq)
+
+    async def _tree(self, root: str) -> TreeCount:
+        """The tree's count, read from the journals once (one reader; the others wait)."""
+        while True:
+            tree = self.trees.get(root)
+            if tree is None:
+                break
+            if tree.pending is None:
+                return tree
+            await tree.loaded.wait()
+        tree = self.trees[root] = TreeCount()
+        try:
+            runs = await self.engine.store.count_stage_executions(root)
+        except BaseException:
+            if self.trees.get(root) is tree:
+                del self.trees[root]
+            raise
+        finally:
+            tree.loaded.set()
+        tree.counted = {run_id: seq for run_id, (_, seq) in runs.items()}
+        tree.total = sum(n for n, _ in runs.values())
+        pending, tree.pending = tree.pending or [], None
+        for run_id, seq in pending:
+            tree.add(run_id, seq)
+        driver = self.engine._active.get(root)
+        if driver is not None:
+            driver.counting = True  # the root, driven here, counts its stages from now on
+        return tree
 
     async def spend(self, driver: Driver, budget: str, amount: float) -> float:
         """Add `amount` to the tree's named budget, refusing to pass its limit."""
@@ -503,7 +576,7 @@ class ChildRunner:
 
     def forget(self, root_run_id: str) -> None:
         """Drop the in-memory count of a finished tree."""
-        self.tree_stages.pop(root_run_id, None)
+        self.trees.pop(root_run_id, None)
 
     # -- workspaces --------------------------------------------------------------------------
 

@@ -757,6 +757,8 @@ class Engine:
         )
         if seq is None:
             raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
+        if transitions[-1].event == "started":
+            self.children.counted(record.root_run_id, record.run_id, seq)
         log.info("run %s answered at %s", record.run_id, chosen.stage_path or chosen.stage_name)
         if p is not None and values.get("status") == "running":
             await self._continue(p, record.run_id)
@@ -969,6 +971,7 @@ class Engine:
         )
         if seq is None:
             raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
+        self.children.counted(record.root_run_id, run_id, seq)
         log.info("run %s retried at %s", run_id, name)
         await self._continue(p, run_id)
         if not wait:

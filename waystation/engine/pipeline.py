@@ -189,6 +189,12 @@ class Pipeline:
         )
         """Per stage: an async function with no retry, timeout, context or condition, which
         the stepper calls directly (the common case, kept short)."""
+        self.launches = any(
+            s.kind == "child" or s.context_param is not None
+            for stage in self.stages
+            for s in (_branches(stage) or (stage,))
+        )
+        """Whether a stage may launch child runs (a child stage, or one given a context)."""
         self.started: tuple[NewTransition, ...] = tuple(
             NewTransition("started", i, s.name, 1) for i, s in enumerate(self.stages)
         )

@@ -141,11 +141,12 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     depth: int = 0
     """How deep static child runs nest (0: no child pipelines)."""
     min_stage_executions: int = 0
-    """Stage executions of the whole tree at the least (no retry, no skipped stage, one
-    loop iteration, the smallest branch option, no children launched from code), as the
-    engine counts them against `max_total_stages`: each attempt of a stage, a child stage
-    included (launching its child adds none), not gates or a parallel group's own start
-    (which the engine's running count only sees when it reloads it from the journal)."""
+    """Stage executions of the whole tree at the least (no retry, no child a `when` skips,
+    one loop iteration, the smallest branch option, no children launched from code), as
+    the engine counts them against `max_total_stages`: every stage that starts (a gate, a
+    parallel group and each of its branches, a stage its `when` then skips, a child stage;
+    launching the child adds none, its own stages count) and every retry: the journals'
+    `started` and `retrying` rows."""
     limits: Limits = Limits()
     budgets: dict[str, float] = {}
 
@@ -351,7 +352,7 @@ class _Planner:
                 step, n, own = self.group(ctx, i, s)
             else:
                 step, n = self.stage(ctx, i, s, s.name, p.bindings[i], p.when_bindings[i])
-                own = min(n, 1)  # a child stage's own attempt; its child's stages are not p's
+                own = 1  # the stage's start; a child stage's child's stages are not p's
             steps.append(step)
             reached = before + count + own
             if own and not over and reached > limits.max_total_stages:
@@ -369,22 +370,24 @@ class _Planner:
         return steps, count
 
     def group(self, ctx: _Where, i: int, s: Stage) -> tuple[PlanStep, int, int]:
-        """The group's step, the least stage executions of its branches' trees, and of its
-        branches themselves (the attempts its own driver counts)."""
+        """The group's step, the least stage executions of its tree (its own start, its
+        branches' and theirs), and of the group and its branches themselves (what its own
+        driver counts)."""
         spec: ParallelSpec = s.group
         slots = ctx.pipeline.branch_slots.get(i, {})
         branches: list[PlanStep] = []
-        count = 0
-        own = 0
-        # Branches run side by side: each is sure only of what ran before the group.
+        count = 1
+        own = 1 + len(spec.branches)
+        # Branches run side by side: each is sure only of the group's start and what ran
+        # before it.
+        inside = dataclasses.replace(ctx, before=ctx.before + 1)
         for b in spec.branches:
             local = f"{s.name}.{b.name}"
             slot = slots[b.name]
             when = ctx.pipeline.branch_when_bindings.get(local, ())
-            step, n = self.stage(ctx, i, b, local, slot.bindings, when)
+            step, n = self.stage(inside, i, b, local, slot.bindings, when)
             branches.append(step)
             count += n
-            own += min(n, 1)
         step = PlanStep(
             kind="parallel",
             name=s.name,
@@ -417,18 +420,19 @@ class _Planner:
             "when": s.when is not None,
             "continue_on_error": s.continue_on_error,
         }
-        executions = 0 if s.when is not None else 1
+        # A stage starts (its `started` row) before its `when` is asked: one execution
+        # even if skipped, as is a gate's.
         if s.kind == "gate":
             self.check_schema(path, s.schema, "its answer")
             step = PlanStep(kind="gate", returns=type_name(s.schema), reason=s.reason, **common)
-            return step, 0
+            return step, 1
         if s.kind == "child" and isinstance(s.compose, ChildSpec):
             if s.when is not None:  # the child runs only when the condition holds
                 ctx = dataclasses.replace(ctx, maybe=True)
             step, n = self.child(ctx, s, s.compose, path, local, bindings, common)
-            # The engine counts the child stage's attempt, then the child's own stages;
+            # The engine counts the child stage's start, then the child's own stages;
             # launching the child only checks the count, it adds nothing to it.
-            return step, (1 + n if executions else 0)
+            return step, (1 if s.when is not None else 1 + n)
         error = _decode_error(s.returns)
         if error is not None:
             self.problems.append(
@@ -442,7 +446,7 @@ class _Planner:
             thread=s.fn is not None and not s.is_async,
             **common,
         )
-        return step, executions
+        return step, 1
 
     # -- children ----------------------------------------------------------------------------
 
@@ -545,7 +549,7 @@ class _Planner:
                 f"{path}: runs pipeline {child.name!r} as a child at depth {ctx.depth + 1}, "
                 f"beyond max_depth {limits.max_depth}"
             )
-        # The child starts after the attempt of the stage that launches it.
+        # The child starts after the start of the stage that launches it.
         return self.pipeline(
             child, prefix, ctx.depth + 1, ctx.stack, beyond, ctx.before + 1, ctx.maybe
         )

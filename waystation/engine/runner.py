@@ -410,6 +410,9 @@ class Driver:
         self.done = asyncio.Event()  # asyncio's own: anyio's costs a backend lookup per run
         self.task: asyncio.Task[None] | None = None
         """The task driving the run, once launched (it also tidies up after the run)."""
+        self.counting = False
+        """Whether the run's tree has children, so its stage executions are held to
+        `max_total_stages` (decided as the drive begins; set when the root launches one)."""
 
     @property
     def run_id(self) -> str:
@@ -480,12 +483,16 @@ class Driver:
         stages = self.pipeline.stages
         state = self.state
         slots = self.pipeline.slots
-        tree_stages = self.children.tree_stages
         plain = self.pipeline.plain if self.tracing is None else (False,) * len(stages)
         # Asked once per drive, not per stage: logging switched on mid-run shows from the
         # run's next drive (a resume, a recovery) on.
         timed = log.isEnabledFor(logging.INFO)
         i = self.state.stage_index
+        self.counting = bool(state.depth) or state.root_run_id in self.children.trees
+        if not self.counting and self.base is None and self.pipeline.launches:
+            # A root driven again may have launched children before (in another
+            # process, say): its stages count from here on as they did then.
+            self.counting = await self.children.count_tree_of(self)
         if self.state.compensating is not None and i < len(stages):
             # The process died while compensating a failure: finish that, nothing else.
             await self._finish_failure(i, stages[i], self.state.compensating)
@@ -504,11 +511,11 @@ class Driver:
             # failure. Its commit comes after, so that a failed commit strands the run (to
             # be retried) rather than failing a stage that succeeded.
             try:
+                if self.counting:
+                    await self.children.count_stage(self)
                 if plain[i]:
                     if timed:
                         began = time.perf_counter()
-                    if state.depth or state.root_run_id in tree_stages:
-                        await self.children.count_stage(self)
                     fn: Callable[..., Awaitable[Any]] = stage.fn  # type: ignore[assignment]
                     value, payload = check_output(
                         stage, await fn(**self._kwargs(slots[i].bindings))
@@ -675,10 +682,14 @@ class Driver:
         attempt = self._attempt_of(slot.key)
         group = self.pipeline.stages[i].name
         marker = codec.encode({"concurrent_group": group}).decode()
-        await self._commit([NewTransition("started", i, slot.path, attempt, payload=marker)])
+        seq = await self._commit([NewTransition("started", i, slot.path, attempt, payload=marker)])
+        if self.counting:
+            self.children.counted(self.state.root_run_id, self.run_id, seq)
         event = "succeeded"
         error: str | None = None  # a failure handed on (continue_on_error)
         try:
+            if self.counting:
+                await self.children.count_stage(self)
             when = self.pipeline.branch_when_bindings[slot.path]
             if branch.when is not None and not await self._condition(branch, when):
                 value, payload, event = None, None, "skipped"
@@ -750,7 +761,7 @@ class Driver:
             err.message if err else "",
             wait,
         )
-        await self._commit(
+        seq = await self._commit(
             [
                 NewTransition(
                     "retrying",
@@ -763,9 +774,13 @@ class Driver:
             ]
         )
         self.state.attempts[slot.key] = attempt
+        if self.counting:
+            self.children.counted(self.state.root_run_id, self.run_id, seq)
 
     async def _attempt(self, stage: Stage, slot: Slot, attempt: int) -> tuple[Any, str]:
-        if self.state.depth or self.state.root_run_id in self.children.tree_stages:
+        if attempt > 1 and self.counting:
+            # A retry (its `retrying` row counted); a first attempt was held to the limit
+            # where its stage or branch started.
             await self.children.count_stage(self)
         kwargs = self._kwargs(slot.bindings)
         if stage.kind == "child":
@@ -866,7 +881,8 @@ class Driver:
         values: dict[str, Any] | None = None,
         *,
         settle: bool = False,
-    ) -> None:
+    ) -> int:
+        """Commit `transitions` under the driver's guard; the journal position of the last."""
         if settle:
             record = await self.store.settle_run(self.run_id, self.guard, transitions, values)
             if record is None:
@@ -880,6 +896,7 @@ class Driver:
             seq = found
         # Branches of a parallel group commit concurrently: the furthest is the position.
         self.seq = seq if self.seq is None else max(self.seq, seq)
+        return seq
 
     async def _advance(
         self, i: int, value: Any, payload: str | None, event: str | NewTransition
@@ -899,9 +916,11 @@ class Driver:
                     self.state.run_id, self.owner, self.seq, i + 1, rows
                 )
             if seq is None:  # position unknown (or not as expected): the plain guard decides
-                await self._commit(rows, {"stage_index": i + 1})
+                seq = await self._commit(rows, {"stage_index": i + 1})
             else:
                 self.seq = seq
+            if self.counting:
+                self.children.counted(self.state.root_run_id, self.run_id, seq)
         else:
             output = payload
             if stages[i].kind == "parallel":
@@ -1034,7 +1053,7 @@ class Driver:
     async def _compensate(
         self,
         failed_at: int,
-        journal: Callable[[list[NewTransition]], Awaitable[None]] | None = None,
+        journal: Callable[[list[NewTransition]], Awaitable[object]] | None = None,
     ) -> None:
         """Undo the completed stages before `failed_at`, last first, each once; the child
         runs a stage launched are undone before the stage itself (deepest first)."""
@@ -1060,7 +1079,7 @@ class Driver:
         self,
         i: int,
         group: Stage,
-        journal: Callable[[list[NewTransition]], Awaitable[None]],
+        journal: Callable[[list[NewTransition]], Awaitable[object]],
         *,
         failed: bool,
     ) -> None:
@@ -1089,7 +1108,7 @@ class Driver:
         bindings: tuple[Binding, ...],
         value: Any,
         payload: str | None,
-        journal: Callable[[list[NewTransition]], Awaitable[None]],
+        journal: Callable[[list[NewTransition]], Awaitable[object]],
     ) -> None:
         """Run one completed stage's (or branch's) compensation, once, and journal it."""
         if stage.compensate is None or key in self.state.compensated:

@@ -303,8 +303,10 @@ class Store(Protocol):
     async def next_wake(self) -> float | None:
         """The earliest `wake_at` of any pending or paused run."""
 
-    async def count_stage_executions(self, root_run_id: str) -> int:
-        """Stage executions (started and retried attempts) over a whole tree."""
+    async def count_stage_executions(self, root_run_id: str) -> dict[str, tuple[int, int]]:
+        """Per run of a whole tree: its stage executions (its journal's `started` and
+        `retrying` rows) and the journal position (seq) they were counted up to, read
+        together."""
 
     async def spend(
         self, root_run_id: str, name: str, amount: float, limit: float | None

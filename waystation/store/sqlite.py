@@ -791,13 +791,15 @@ class SQLiteStore:
         )
         return None if row is None or row[0] is None else float(row[0])
 
-    async def count_stage_executions(self, root_run_id: str) -> int:
-        row = await self._read_one(
-            "SELECT SUM((event IN ('started', 'retrying')) + (next_event IS 'started')) "
-            "FROM transitions WHERE run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?)",
+    async def count_stage_executions(self, root_run_id: str) -> dict[str, tuple[int, int]]:
+        # A row that holds the row after it (`next_event`) holds seq + 1 as well.
+        rows = await self._read(
+            "SELECT run_id, SUM((event IN ('started', 'retrying')) + (next_event IS 'started')), "
+            "MAX(seq + (next_event IS NOT NULL)) FROM transitions "
+            "WHERE run_id IN (SELECT run_id FROM runs WHERE root_run_id = ?) GROUP BY run_id",
             (root_run_id,),
         )
-        return int(row[0]) if row and row[0] is not None else 0
+        return {r[0]: (int(r[1]), int(r[2])) for r in rows}
 
     async def history(self, run_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         return (await self.run_journal(run_id, after_seq)).rows
