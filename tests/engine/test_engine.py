@@ -1422,3 +1422,150 @@ async def test_close_stops_a_stage_that_swallows_the_first_cancellation(db: Path
             "SELECT status, lease_owner FROM runs WHERE run_id = ?", (run.run_id,)
         ).fetchone()
     assert (status, owner) == ("running", None)  # left for the next engine to recover
+
+
+# -- a caller cancelled while its commit is with the writer ----------------------------------
+
+
+class HoldAfterCommit(ws.SQLiteStore):
+    """A store that, when asked, keeps the caller of a write waiting after the write has
+    committed: a caller cancelled there (a dropped web request, `asyncio.wait_for`) has
+    its commit applied, and never sees it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.hold = False
+        self.committed = asyncio.Event()
+
+    async def _held(self, result: Any) -> Any:
+        if self.hold:
+            self.hold = False
+            self.committed.set()
+            await asyncio.Event().wait()  # until the caller is cancelled
+        return result
+
+    async def create_run(self, run: Any) -> Any:
+        return await self._held(await super().create_run(run))
+
+    async def update_run(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._held(await super().update_run(*args, **kwargs))
+
+
+@pytest.mark.parametrize("call", ["submit", "resume", "retry"])
+async def test_a_run_whose_caller_was_cancelled_mid_commit_is_still_driven(
+    db: Path, call: str
+) -> None:
+    """Before, the run stayed `running` under the engine's lease, which the engine renewed
+    for ever, with no driver: stuck until the process ended."""
+    tries: list[int] = []
+
+    @ws.stage
+    async def once_failing(approve: bool) -> str:
+        tries.append(1)
+        if call == "retry" and len(tries) == 1:
+            raise ValueError("down the first time")
+        return f"approved {approve}"
+
+    p = ws.Pipeline("held", [ws.gate("approve", schema=bool), once_failing])
+    store = HoldAfterCommit(db)
+    async with ws.Engine.open(store, pipelines=[p], poll_interval=0.05) as engine:
+        with anyio.fail_after(SAFETY):
+            if call != "submit":
+                paused = await engine.start(p)
+                if call == "retry":
+                    failed = await engine.resume(paused.run_id, True)
+                    assert failed.status == "failed"
+            store.hold = True
+            if call == "submit":
+                caller = asyncio.ensure_future(engine.submit(p))
+            elif call == "resume":
+                caller = asyncio.ensure_future(engine.resume(paused.run_id, True))
+            else:
+                caller = asyncio.ensure_future(engine.retry(paused.run_id))
+            await store.committed.wait()
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+            (run,) = await engine.list()
+            if call == "submit":  # it runs to its gate
+                done = await engine.wait(run.run_id)
+                assert done.status == "paused"
+            else:
+                done = await engine.wait(run.run_id)
+                assert done.status == "succeeded" and done.output == "approved True"
+
+
+async def test_a_stage_error_that_cannot_be_printed_fails_the_run(db: Path) -> None:
+    """An exception whose own `__str__` raises: before, its failure could not be recorded,
+    the driver stopped, and the run stayed `running` while the stage ran again and again."""
+    calls: list[int] = []
+
+    class ApiError(Exception):
+        def __init__(self, response: dict[str, Any]) -> None:
+            super().__init__()
+            self.response = response
+
+        def __str__(self) -> str:
+            return f"API said {self.response['error']}"  # no 'error' key: KeyError
+
+    @ws.stage
+    async def call_api() -> str:
+        calls.append(1)
+        raise ApiError({"status": 500})
+
+    p = ws.Pipeline("unprintable", [call_api])
+    async with ws.Engine.open(db, pipelines=[p], poll_interval=0.05) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.start(p)
+    assert run.status == "failed" and run.error is not None
+    assert run.error.type.endswith("ApiError") and "KeyError" in run.error.message
+    assert calls == [1]
+    assert run_row(db, run.run_id)["status"] == "failed"
+
+
+class FailsABranchCommit(ws.SQLiteStore):
+    """A store whose commit of one parallel branch's result fails once, as a write fails
+    when another process holds the lock past the busy timeout."""
+
+    def __init__(self, path: Path, branch: str) -> None:
+        super().__init__(path)
+        self.branch = branch
+        self.failed = False
+
+    async def update_run(
+        self, run_id: str, guard: Any, transitions: Any, values: Any = None
+    ) -> Any:
+        if not self.failed and any(
+            t.event == "succeeded" and t.stage_path == self.branch for t in transitions
+        ):
+            self.failed = True
+            raise ws.StoreError("database write failed: OperationalError: database is locked")
+        return await super().update_run(run_id, guard, transitions, values)
+
+
+async def test_a_failed_branch_commit_leaves_the_run_to_be_retried(db: Path) -> None:
+    """Before, a store error on a branch's commit failed the whole run for good (a saga's
+    completed work would have been undone), where the same error on a plain stage's commit
+    leaves the run running, for recovery to continue."""
+    ran: list[str] = []
+
+    @ws.stage
+    async def left() -> str:
+        ran.append("left")
+        return "l"
+
+    @ws.stage
+    async def right() -> str:
+        ran.append("right")
+        return "r"
+
+    p = ws.Pipeline("branch-commit", [ws.parallel(left, right, name="grp")])
+    store = FailsABranchCommit(db, "grp.left")
+    async with ws.Engine.open(store, pipelines=[p], poll_interval=0.05) as engine:
+        with anyio.fail_after(SAFETY):
+            run = await engine.submit(p)
+            done = await engine.wait(run.run_id)
+    assert store.failed
+    assert done.status == "succeeded" and done.output == {"left": "l", "right": "r"}
+    assert ran.count("left") == 2  # at least once: its result was not committed the first time
+    assert "failed" not in [row[2] for row in journal(db, run.run_id)]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 
@@ -388,3 +390,49 @@ async def test_ctx_pause_resumed_after_reopening_the_engine(db: Path) -> None:
     assert done.status == "succeeded"
     assert done.output == Draft("fixed by eve", 0.9)
     assert calls == {"prepare": 1, "review": 3, "review:done": 1}
+
+
+class CommitsTogether(ws.SQLiteStore):
+    """A store that, when armed, holds each run update until `n` of them are waiting, so
+    that they all were made from the same read of the run."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        super().__init__(path)
+        self.n = n
+        self.armed = False
+        self.waiting = 0
+        self.together = asyncio.Event()
+
+    async def update_run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.armed:
+            self.waiting += 1
+            if self.waiting == self.n:
+                self.armed = False
+                self.together.set()
+            await self.together.wait()
+        return await super().update_run(*args, **kwargs)
+
+
+async def test_concurrent_answers_to_different_pauses_all_apply(db: Path) -> None:
+    """Two people answer the two gates of one run at the same moment. Before, the second
+    commit missed its guard (the run had moved) and its caller got NotPaused, though its
+    pause was never answered and stayed open."""
+    p = ws.Pipeline(
+        "two-approvals",
+        [ws.parallel(ws.gate("legal", schema=bool), ws.gate("finance", schema=bool), name="ok")],
+    )
+    store = CommitsTogether(db, n=2)
+    async with ws.Engine.open(store, pipelines=[p]) as engine:
+        with anyio.fail_after(30):
+            run = await engine.start(p)
+            assert len(run.pauses) == 2
+            store.armed = True
+            answers = await asyncio.gather(
+                *(engine.resume(run.run_id, True, pause_id=q.pause_id) for q in run.pauses)
+            )
+    assert not store.armed  # both commits were made from one read of the run
+    # The first answer leaves the run paused on the other gate; the second finishes it.
+    assert sorted(a.status for a in answers) == ["paused", "succeeded"]
+    final = run_row(db, run.run_id)
+    assert final["status"] == "succeeded"
+    assert json.loads(final["output"]) == {"legal": True, "finance": True}

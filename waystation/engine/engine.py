@@ -217,7 +217,10 @@ class Engine:
         self.shutdown_grace = shutdown_grace
         self._closing = False
         self._active: dict[str, Driver] = {}
-        self._stranded: set[str] = set()
+        self._stranded: dict[str, float] = {}
+        """Runs under our lease that nothing here drives (a driver stopped on a failed
+        commit, a caller cancelled mid-launch), by when they were marked: recovery takes
+        them."""
         self._unloadable: set[str] = set()
         self._warned: set[str] = set()
         """Runs this engine said it cannot act on (said once, not at every look)."""
@@ -548,29 +551,34 @@ class Engine:
             if wake_at <= self.clock.time():
                 wake_at = None
         here = wake_at is None and drive
-        created, record = await self.store.create_run(
-            NewRun(
-                run_id=rid,
-                pipeline=p.name,
-                pipeline_version=p.version,
-                fingerprint=p.fingerprint,
-                status="running" if here else "pending",
-                input=text,
-                root_run_id=rid,
-                idempotency_key=idempotency_key,
-                lease_owner=self.owner if here else None,
-                lease_expires=time.time() + self.lease_ttl if here else None,
-                wake_at=wake_at,
-                transitions=[
-                    NewTransition("created", payload=p.created_payload),
-                    NewTransition("started", 0, p.stages[0].name, 1)
-                    if here
-                    else NewTransition(
-                        "scheduled", payload=codec.encode({"not_before": wake_at}).decode()
-                    ),
-                ],
+        try:
+            created, record = await self.store.create_run(
+                NewRun(
+                    run_id=rid,
+                    pipeline=p.name,
+                    pipeline_version=p.version,
+                    fingerprint=p.fingerprint,
+                    status="running" if here else "pending",
+                    input=text,
+                    root_run_id=rid,
+                    idempotency_key=idempotency_key,
+                    lease_owner=self.owner if here else None,
+                    lease_expires=time.time() + self.lease_ttl if here else None,
+                    wake_at=wake_at,
+                    transitions=[
+                        NewTransition("created", payload=p.created_payload),
+                        NewTransition("started", 0, p.stages[0].name, 1)
+                        if here
+                        else NewTransition(
+                            "scheduled", payload=codec.encode({"not_before": wake_at}).decode()
+                        ),
+                    ],
+                )
             )
-        )
+        except asyncio.CancelledError:
+            if here:
+                self._left_undriven(rid)
+            raise
         if not created:
             if record.pipeline != p.name:
                 raise RunAlreadyExists(
@@ -649,7 +657,7 @@ class Engine:
                 if self._active.get(driver.run_id) is driver:
                     del self._active[driver.run_id]
                 if driver.stranded:
-                    self._stranded.add(driver.run_id)
+                    self._stranded[driver.run_id] = time.monotonic()
                 if driver.unloadable:
                     self._unloadable.add(driver.run_id)
                 state = driver.state
@@ -751,12 +759,27 @@ class Engine:
         answer = self._check_answer(record.run_id, p, chosen, value)
         if p is not None:
             await self._check_loadable(p, record)
-        transitions, values = self._answer(record, p, pauses, chosen, answer)
-        seq = await self.store.update_run(
-            record.run_id, Guard(("paused",), seq=record.seq), transitions, values
-        )
-        if seq is None:
-            raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
+        while True:
+            transitions, values = self._answer(record, p, pauses, chosen, answer)
+            try:
+                seq = await self.store.update_run(
+                    record.run_id, Guard(("paused",), seq=record.seq), transitions, values
+                )
+            except asyncio.CancelledError:
+                if p is not None and values.get("status") == "running":
+                    self._left_undriven(record.run_id)
+                raise
+            if seq is not None:
+                break
+            # The run moved meanwhile: another of its pauses answered (or expired), or this
+            # one, or the run cancelled. Only if this pause is gone is the answer refused;
+            # else it is given again, to the run as it is now.
+            now = await self.store.get_run(record.run_id)
+            found = decode_pauses(now.pause) if now is not None and now.status == "paused" else []
+            match = next((q for q in found if q.pause_id == chosen.pause_id), None)
+            if now is None or match is None:
+                raise NotPaused(f"run {run_id} was resumed or cancelled by someone else meanwhile")
+            record, pauses, chosen = now, found, match
         if transitions[-1].event == "started":
             self.children.counted(record.root_run_id, record.run_id, seq)
         log.info("run %s answered at %s", record.run_id, chosen.stage_path or chosen.stage_name)
@@ -894,12 +917,17 @@ class Engine:
         if p is not None:
             values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
             values["status"] = "running"
-        seq = await self.store.update_run(
-            parent.run_id,
-            Guard(("paused",), seq=parent.seq),
-            [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
-            values,
-        )
+        try:
+            seq = await self.store.update_run(
+                parent.run_id,
+                Guard(("paused",), seq=parent.seq),
+                [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
+                values,
+            )
+        except asyncio.CancelledError:
+            if p is not None:
+                self._left_undriven(parent.run_id)
+            raise
         if seq is None:
             return False
         if p is not None:
@@ -957,18 +985,22 @@ class Engine:
         await self._check_loadable(p, record)
         i = record.stage_index
         name = p.stages[i].name if i < len(p.stages) else None
-        seq = await self.store.update_run(
-            run_id,
-            Guard(("failed", "cancelled"), seq=record.seq),
-            [NewTransition("retried", i, name), NewTransition("started", i, name, 1)],
-            {
-                "status": "running",
-                "error": None,
-                "cancel_requested": 0,
-                "lease_owner": self.owner,
-                "lease_expires": time.time() + self.lease_ttl,
-            },
-        )
+        try:
+            seq = await self.store.update_run(
+                run_id,
+                Guard(("failed", "cancelled"), seq=record.seq),
+                [NewTransition("retried", i, name), NewTransition("started", i, name, 1)],
+                {
+                    "status": "running",
+                    "error": None,
+                    "cancel_requested": 0,
+                    "lease_owner": self.owner,
+                    "lease_expires": time.time() + self.lease_ttl,
+                },
+            )
+        except asyncio.CancelledError:
+            self._left_undriven(run_id)
+            raise
         if seq is None:
             raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
         self.children.counted(record.root_run_id, run_id, seq)
@@ -1052,27 +1084,31 @@ class Engine:
                 )
         new_id = new_run_id()
         origin = codec.encode({"replay_of": run_id, "from_stage": start, **CHILD_KEYS}).decode()
-        created, _ = await self.store.create_run(
-            NewRun(
-                run_id=new_id,
-                pipeline=p.name,
-                pipeline_version=p.version,
-                fingerprint=p.fingerprint,
-                status="running",
-                input=text,
-                root_run_id=new_id,
-                run_kind="replay",
-                replay_of=run_id,
-                stage_index=start,
-                lease_owner=self.owner,
-                lease_expires=time.time() + self.lease_ttl,
-                transitions=[
-                    NewTransition("created", payload=origin),
-                    *reused,
-                    NewTransition("started", start, p.stages[start].name, 1),
-                ],
+        try:
+            created, _ = await self.store.create_run(
+                NewRun(
+                    run_id=new_id,
+                    pipeline=p.name,
+                    pipeline_version=p.version,
+                    fingerprint=p.fingerprint,
+                    status="running",
+                    input=text,
+                    root_run_id=new_id,
+                    run_kind="replay",
+                    replay_of=run_id,
+                    stage_index=start,
+                    lease_owner=self.owner,
+                    lease_expires=time.time() + self.lease_ttl,
+                    transitions=[
+                        NewTransition("created", payload=origin),
+                        *reused,
+                        NewTransition("started", start, p.stages[start].name, 1),
+                    ],
+                )
             )
-        )
+        except asyncio.CancelledError:
+            self._left_undriven(new_id)
+            raise
         assert created
         log.info("run %s replays %s from %s", new_id, run_id, p.stages[start].name)
         await self._continue(p, new_id)
@@ -1175,13 +1211,26 @@ class Engine:
 
     async def _continue(self, p: Pipeline, run_id: str) -> None:
         """Start driving a run we hold the lease of, from its committed state."""
-        rows = await self.store.stage_results(run_id)
-        record = await self._record(run_id)
+        try:
+            rows = await self.store.stage_results(run_id)
+            record = await self._record(run_id)
+        except asyncio.CancelledError:
+            self._left_undriven(run_id)
+            raise
         driver = Driver(**self._driver_args(p), state=RunState.load(p, record, rows))
         # The position the run's next commit is guarded on (nobody else moves a run we
         # hold the lease of): its stages take the one-statement step from the first one.
         driver.seq = record.seq
         self._launch(driver)
+
+    def _left_undriven(self, run_id: str) -> None:
+        """The caller was cancelled (a dropped web request, `asyncio.wait_for`) while a
+        commit that leaves `run_id` running under this engine's lease was with the writer,
+        or before its driver was launched. The commit may still apply, and nothing here
+        would drive the run, while `_maintain` renewed its lease for ever: recovery takes
+        it instead, as a run whose driver stopped (if it is running under our lease)."""
+        if run_id not in self._active:
+            self._stranded[run_id] = time.monotonic()
 
     # -- cancelling --------------------------------------------------------------------------
 
@@ -1573,14 +1622,22 @@ class Engine:
         now = time.time()
         claimed = 0
         after: str | None = None
+        # Marked a lease time ago or more, and not found running in a whole pass: not
+        # ours to drive (a cancelled call whose commit did not apply, say). Younger marks
+        # stay: their commit may still be with the writer.
+        settled = time.monotonic() - self.lease_ttl
+        unseen = {r for r, marked in self._stranded.items() if marked < settled}
         while True:
             batch = await self.store.active_runs(
                 after=after, limit=500, exclude_owner=None if self._stranded else self.owner
             )
             if not batch:
+                for run_id in unseen:
+                    self._stranded.pop(run_id, None)
                 return claimed
             after = batch[-1].run_id
             for record in batch:
+                unseen.discard(record.run_id)
                 if record.run_id in self._active or not self._abandoned(record, now):
                     continue
                 try:
@@ -1590,7 +1647,7 @@ class Engine:
                 except WaystationError as exc:
                     self._warn_once(record.run_id, f"run {record.run_id} not recovered: {exc}")
                     continue
-                self._stranded.discard(record.run_id)
+                self._stranded.pop(record.run_id, None)
                 state = RunState(record.run_id, None, {}, record.stage_index, [], [])
                 self._launch(Driver(**self._driver_args(p), state=state, claim=record))
                 claimed += 1

@@ -26,7 +26,13 @@ import anyio.lowlevel
 import msgspec
 import tenacity
 
-from ..errors import ParallelFailed, StageOutputError, StageTimeout, WaystationError
+from ..errors import (
+    ParallelFailed,
+    StageOutputError,
+    StageTimeout,
+    StoreError,
+    WaystationError,
+)
 from ..store import codec
 from ..store.base import Guard, NewTransition, RunRecord, Store, TransitionRecord
 from .compose import run_composite
@@ -271,11 +277,24 @@ def error_info(exc: BaseException, stage: Stage | None, index: int | None) -> St
     name = tp.__qualname__ if tp.__module__ == "builtins" else f"{tp.__module__}.{tp.__qualname__}"
     return StageError(
         type=name,
-        message=str(exc),
+        message=_message(exc),
         traceback="".join(traceback.format_exception(exc)),
         stage_index=index,
         stage_name=stage.name if stage is not None else None,
     )
+
+
+def _message(exc: BaseException) -> str:
+    """`str(exc)`, or a stand-in when the exception's own `__str__` fails: the failure must
+    still be recorded (else the run stays running and the stage runs again and again)."""
+    try:
+        return str(exc)
+    except Exception as err:
+        try:
+            why = repr(err)
+        except Exception:
+            why = type(err).__name__
+        return f"<str() of {type(exc).__name__} failed: {why}>"
 
 
 def error_json(exc: BaseException, stage: Stage | None, index: int | None) -> str:
@@ -550,7 +569,9 @@ class Driver:
             except SleepSignal as sig:
                 await self._park(slots[i], sig.wake_at, sig.number)
                 return
-            except _Lost:
+            except (_Lost, StoreError):
+                # A commit failed (a branch's, a retry's row), not the stage: the run is left
+                # to be retried, as when its own commit fails, never failed for good.
                 raise
             except Exception as exc:
                 if not stage.continue_on_error:
