@@ -1569,3 +1569,89 @@ async def test_a_failed_branch_commit_leaves_the_run_to_be_retried(db: Path) -> 
     assert done.status == "succeeded" and done.output == {"left": "l", "right": "r"}
     assert ran.count("left") == 2  # at least once: its result was not committed the first time
     assert "failed" not in [row[2] for row in journal(db, run.run_id)]
+
+
+# -- replay -----------------------------------------------------------------------------------
+
+
+def run_count(db: Path) -> int:
+    with closing(sqlite3.connect(db)) as conn:
+        count: int = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+    return count
+
+
+async def test_replay_refuses_to_start_after_a_stage_that_left_no_result(db: Path) -> None:
+    """The run failed at `price`: a replay from `charge` had nothing to reuse for it, and
+    (before) called `charge` with None for its price and succeeded. Refused, naming the
+    stage and where a replay may start, with nothing written; from `price` it runs."""
+    down = [True]
+
+    @ws.stage
+    async def load() -> int:
+        return 10
+
+    @ws.stage
+    async def price(load: int) -> float:
+        if down[0]:
+            raise RuntimeError("pricing service down")
+        return load * 1.5
+
+    @ws.stage
+    async def charge(price: float) -> str:
+        return f"charged {price!r}"
+
+    p = ws.Pipeline("replay-past-failure", [load, price, charge])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        assert run.status == "failed" and run.stage_name == "price"
+        rows = journal(db, run.run_id)
+        for from_stage in ("charge", 2):
+            with pytest.raises(ws.InvalidInput, match=r"'price'.*'load', 'price'"):
+                await engine.replay(run.run_id, from_stage=from_stage)
+        assert run_count(db) == 1 and journal(db, run.run_id) == rows
+        down[0] = False
+        again = await engine.replay(run.run_id, from_stage="price")
+    assert again.status == "succeeded" and again.output == "charged 15.0"
+    assert [(r[2], r[1]) for r in journal(db, again.run_id)][:3] == [
+        ("created", None),
+        ("reused", 0),
+        ("started", 1),
+    ]
+
+
+async def test_replay_after_a_group_needs_a_result_of_each_branch(db: Path) -> None:
+    """A group whose `rate` branch failed after `tax` succeeded has no result: a replay
+    from the stage after it is refused (it would have had None for `rate`), one from the
+    group itself runs it again."""
+    down = [True]
+
+    @ws.stage
+    async def load() -> int:
+        return 10
+
+    @ws.stage
+    async def tax(load: int) -> float:
+        return load * 0.5
+
+    @ws.stage
+    async def rate(load: int) -> float:
+        if down[0]:
+            raise RuntimeError("rates service down")
+        return load * 1.5
+
+    @ws.stage
+    async def charge(tax: float, rate: float) -> str:
+        return f"charged {tax!r} + {rate!r}"
+
+    quote = ws.parallel(tax, rate, on_error="wait_for_all", name="quote")
+    p = ws.Pipeline("replay-past-group", [load, quote, charge])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        assert run.status == "failed" and run.stage_name == "quote"
+        assert ("succeeded", 1) in [(r[2], r[1]) for r in journal(db, run.run_id)]  # tax's
+        with pytest.raises(ws.InvalidInput, match=r"'quote'.*'load', 'quote'"):
+            await engine.replay(run.run_id, from_stage="charge")
+        assert run_count(db) == 1
+        down[0] = False
+        again = await engine.replay(run.run_id, from_stage="quote")
+    assert again.status == "succeeded" and again.output == "charged 5.0 + 15.0"

@@ -105,6 +105,39 @@ def _handed_on(p: Pipeline, i: int, path: str | None) -> bool:
     return target.continue_on_error
 
 
+def _first_without_result(
+    p: Pipeline, rows: builtins.list[TransitionRecord], before: int, stopped_at: int
+) -> int | None:
+    """The first stage before `before` for which a run's `stage_results` rows hold no
+    result (None if each has one), a run stopped at stage index `stopped_at`. A result is
+    what `RunState.load` takes as one: a succeeded, reused or skipped row, or a failure
+    handed on (`continue_on_error`: a stage's once the run went past it, a branch's with
+    its `Failed` as payload). A parallel group's result is each of its branches' results,
+    unless the group itself was skipped."""
+    done: set[tuple[int, str | None]] = set()
+    for row in rows:
+        i = row.stage_index
+        if i is None or i >= before:
+            continue
+        stage = p.stages[i]
+        branch = (
+            row.stage_path if stage.group is not None and row.stage_path != stage.name else None
+        )
+        if row.event == "failed":
+            handed_on = row.payload is not None if branch else i < stopped_at
+            if handed_on and _handed_on(p, i, row.stage_path):
+                done.add((i, branch))
+        elif row.event == "skipped" or (
+            row.event in ("succeeded", "reused") and (branch or stage.group is None)
+        ):
+            done.add((i, branch))  # a group's own `succeeded` row: its branches' say
+    for i, stage in enumerate(p.stages[:before]):
+        paths = [f"{stage.name}.{b.name}" for b in _branches(stage)]
+        if (i, None) not in done and not (paths and all((i, q) in done for q in paths)):
+            return i
+    return None
+
+
 def _not_before(value: object) -> float:
     """`submit`'s `not_before` as a Unix time, or `InvalidInput` naming what it got."""
     if isinstance(value, datetime):
@@ -1031,7 +1064,9 @@ class Engine:
         defaults to the stage where the run failed or was cancelled (the first stage, if
         its completed stages were compensated: their outputs stand for undone work); a
         succeeded run needs it. With `input=` the run input is replaced and, unless
-        `from_stage` says otherwise, nothing is reused.
+        `from_stage` says otherwise, nothing is reused. A `from_stage` after a stage that
+        left no result (it failed and stopped the run, or a branch of its group did) is
+        refused with `InvalidInput`, and nothing is created.
         """
         self._check_open()
         record = await self._record(run_id)
@@ -1066,8 +1101,19 @@ class Engine:
             text, _ = p.validate_input(input)
         else:
             text = record.input or "{}"
+        rows = await self.store.stage_results(run_id)
+        missing = _first_without_result(p, rows, start, record.stage_index)
+        if missing is not None:
+            # Nothing would stand for that stage's output: the stages after it would be
+            # called with None for whatever they take from it.
+            names = [s.name for s in p.stages[: missing + 1]]
+            raise InvalidInput(
+                f"run {run_id} has no result for stage {names[-1]!r} (index {missing}), "
+                f"which comes before {p.stages[start].name!r}; replay it from one of "
+                f"{', '.join(map(repr, names))} (from_stage=0 to {missing})"
+            )
         reused: list[NewTransition] = []
-        for row in await self.store.stage_results(run_id):
+        for row in rows:
             i = row.stage_index
             if i is None or i >= start:
                 continue
