@@ -9,7 +9,7 @@ import threading
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import anyio
 import anyio.lowlevel
@@ -1655,3 +1655,32 @@ async def test_replay_after_a_group_needs_a_result_of_each_branch(db: Path) -> N
         down[0] = False
         again = await engine.replay(run.run_id, from_stage="quote")
     assert again.status == "succeeded" and again.output == "charged 5.0 + 15.0"
+
+
+# -- a gate as the last stage -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["remove_on_success", "keep"])
+async def test_answering_a_last_stage_gate_removes_the_roots_workspace(
+    db: Path, tmp_path: Path, policy: Literal["keep", "remove_on_success"]
+) -> None:
+    """`resume` finishes such a run in its own commit, with no driver after it: before,
+    the clean-up that follows a driven run never came, and the workspace stayed."""
+    workspaces: list[Path] = []
+
+    @ws.stage
+    async def draft(ctx: ws.StageContext) -> int:
+        workspaces.append(ctx.workspace)
+        (ctx.workspace / "draft.txt").write_text("x")
+        return 1
+
+    p = ws.Pipeline("last-gate", [draft, ws.gate("approve", schema=bool)])
+    async with ws.Engine.open(
+        db, pipelines=[p], workspace_root=tmp_path / "spaces", workspace_policy=policy
+    ) as engine:
+        run = await engine.start(p)
+        assert run.status == "paused" and (workspaces[0] / "draft.txt").exists()
+        done = await engine.resume(run.run_id, True)
+        assert done.status == "succeeded" and done.output is True
+        assert run_row(db, run.run_id)["status"] == "succeeded"
+        assert workspaces[0].exists() == (policy == "keep")

@@ -217,6 +217,34 @@ async def test_an_expired_pause_goes_on_with_its_default_once(db: Path) -> None:
     assert events.count("expired") == 1 and events.count("resumed") == 1
 
 
+async def test_a_last_stage_gate_that_expires_with_its_default_removes_the_workspace(
+    db: Path, tmp_path: Path
+) -> None:
+    """The expiry's commit finishes the run, with no driver after it: before, the
+    workspace of the succeeded root stayed. The timers are fired here, at the expiry,
+    rather than by moving the clock: the clean-up then has happened when `fire` returns."""
+    workspaces: list[Path] = []
+
+    @ws.stage
+    async def draft(ctx: ws.StageContext) -> int:
+        workspaces.append(ctx.workspace)
+        (ctx.workspace / "draft.txt").write_text("x")
+        return 1
+
+    gate = ws.gate("approve", schema=bool, expires_after=DAY, on_expire=False)
+    p = ws.Pipeline("last-gate-expires", [draft, gate])
+    clock = ws.ManualClock(start=0.0)
+    async with ws.Engine.open(
+        db, pipelines=[p], clock=clock, workspace_root=tmp_path / "spaces"
+    ) as engine:
+        run = await engine.start(p)
+        assert run.status == "paused" and (workspaces[0] / "draft.txt").exists()
+        assert await engine.timers.fire(DAY) == 1
+        done = await engine.get(run.run_id)
+        assert done.status == "succeeded" and done.output is False
+        assert not workspaces[0].exists()
+
+
 async def test_an_answer_in_time_cancels_the_expiry(db: Path) -> None:
     clock = ws.ManualClock(start=0.0)
     async with ws.Engine.open(db, pipelines=[strict], clock=clock) as engine:

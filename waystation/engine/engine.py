@@ -695,19 +695,25 @@ class Engine:
                     self._unloadable.add(driver.run_id)
                 state = driver.state
                 if state.depth == 0 and driver.outcome in ("succeeded", "failed", "cancelled"):
-                    self.children.forget(state.run_id)
-                    if (
-                        driver.outcome == "succeeded"
-                        and self.workspace_policy == "remove_on_success"
-                        and state.run_id in self.children.workspaces
-                    ):
-                        await anyio.to_thread.run_sync(self.children.clean_workspace, state.run_id)
+                    await self._root_ended(state.run_id, driver.outcome)
         except Exception:
             log.error(
                 "run %s: its driver stopped by an internal error", driver.run_id, exc_info=True
             )
         finally:
             self._runs.discard(driver.task)
+
+    async def _root_ended(self, run_id: str, outcome: str) -> None:
+        """Tidy up after a root run that ended `outcome`, by its driver or by a commit that
+        settled it without one (its last stage a gate, answered or expired): its tree's
+        count is dropped and, if it succeeded, its workspace removed."""
+        self.children.forget(run_id)
+        if (
+            outcome == "succeeded"
+            and self.workspace_policy == "remove_on_success"
+            and run_id in self.children.workspaces
+        ):
+            await anyio.to_thread.run_sync(self.children.clean_workspace, run_id)
 
     async def wait(self, run_id: str, *, timeout: float | None = None) -> Run:
         """Wait until the run pauses, succeeds, fails or is cancelled; returns it then.
@@ -818,6 +824,8 @@ class Engine:
         log.info("run %s answered at %s", record.run_id, chosen.stage_path or chosen.stage_name)
         if p is not None and values.get("status") == "running":
             await self._continue(p, record.run_id)
+        elif record.depth == 0 and values.get("status") == "succeeded":
+            await self._root_ended(record.run_id, "succeeded")  # a gate was its last stage
         await self._wake_ancestors(record)
         if not wait or p is None:
             return await self.get(run_id)

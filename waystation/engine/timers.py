@@ -211,6 +211,8 @@ class Timers:
                 return 0
             log.info("run %s failed: %s", record.run_id, err)
             await engine._failed(record, time.time())
+            if record.depth == 0:
+                await engine._root_ended(record.run_id, "failed")
         else:
             await self._loadable(p, record)  # it goes on (see _wake)
             answer = engine._check_answer(record.run_id, p, pause, on_expire)
@@ -228,6 +230,8 @@ class Timers:
             )
             if values.get("status") == "running":
                 await engine._continue(p, record.run_id)
+            elif record.depth == 0 and values.get("status") == "succeeded":
+                await engine._root_ended(record.run_id, "succeeded")  # the gate was last
         await engine._wake_ancestors(record)
         return 1
 
