@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sqlite3
 import threading
 from contextlib import closing
@@ -587,6 +588,57 @@ async def test_unserializable_output_fails_the_run_and_the_engine_keeps_serving(
         assert again.status == "succeeded" and again.output == 10.0
         failed = await engine.list(status="failed")
         assert [r.run_id for r in failed] == [run.run_id]
+
+
+# -- resume values ----------------------------------------------------------------------------
+
+
+class Reading(msgspec.Struct):
+    value: float | None = None
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("gate", Reading(value=math.nan)),
+        ("gate", {"value": math.inf}),
+        ("pause", {"v": -math.inf}),
+        ("pause", [1.0, math.nan]),
+    ],
+    ids=["gate-struct-nan", "gate-dict-inf", "pause-minus-inf", "pause-list-nan"],
+)
+async def test_a_resume_value_holding_nan_or_infinity_is_refused(
+    db: Path, kind: str, value: Any
+) -> None:
+    """JSON has no NaN or infinity and msgspec writes them as null: such an answer used to be
+    committed as None (a gate's Reading(value=nan) went on as Reading(value=None))."""
+
+    @ws.stage
+    async def use(reading: Reading) -> float | None:
+        return reading.value
+
+    @ws.stage
+    async def ask(ctx: ws.StageContext) -> Any:
+        return await ctx.pause("num")
+
+    pipelines = {
+        "gate": (
+            ws.Pipeline("nan-gate", [ws.gate("reading", schema=Reading), use]),
+            {"value": 1.5},
+        ),
+        "pause": (ws.Pipeline("nan-pause", [ask]), 1.5),
+    }
+    p, good = pipelines[kind]
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        assert run.status == "paused"
+        before = (run_row(db, run.run_id), journal(db, run.run_id))
+        with pytest.raises(ws.InvalidResumeInput, match="NaN or infinity"):
+            await engine.resume(run.run_id, value)
+        assert (await engine.get(run.run_id)).status == "paused"
+        assert (run_row(db, run.run_id), journal(db, run.run_id)) == before
+        done = await engine.resume(run.run_id, good, timeout=SAFETY)
+    assert done.status == "succeeded" and done.output == 1.5
 
 
 # -- identity: idempotency keys and run ids ---------------------------------------------------

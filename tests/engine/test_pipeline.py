@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from contextlib import closing
 from dataclasses import dataclass
@@ -89,6 +90,35 @@ def test_inferred_input_used_with_two_types_is_refused() -> None:
         ws.Pipeline("conflict", [a, b])
     assert "count" in str(err.value)
     assert "'b'" in str(err.value)
+
+
+class Point(msgspec.Struct):
+    x: float
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"x": [math.inf, 1.0]}, {"x": math.nan}, {"x": {"a": [[-math.inf]]}}, Point(math.nan)],
+    ids=["list-inf", "nan", "nested-minus-inf", "pinned-struct-nan"],
+)
+async def test_an_input_holding_nan_or_infinity_is_refused(db: Path, value: Any) -> None:
+    """JSON has no NaN or infinity and msgspec writes them as null: such an input used to
+    start a run that saw None where the caller had given a number."""
+
+    @ws.stage
+    async def echo(x: Any) -> Any:
+        return x
+
+    p = ws.Pipeline("nan-input", [echo], input=Point if isinstance(value, Point) else None)
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        with pytest.raises(ws.InvalidInput, match="NaN or infinity"):
+            await engine.start(p, value)
+        with pytest.raises(ws.InvalidInput, match="NaN or infinity"):
+            await engine.submit(p, value)
+        assert await engine.list() == []
+        ok = await engine.start(p, {"x": 1.5}, timeout=30)
+    assert ok.status == "succeeded" and ok.output == 1.5
+    assert run_rows(db) == 1
 
 
 def test_pinned_struct_input() -> None:

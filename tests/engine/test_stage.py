@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
@@ -90,6 +91,16 @@ def test_retry_refuses_nonsense() -> None:
         ws.Retry(attempts=0)
     with pytest.raises(ws.PipelineDefinitionError):
         ws.Retry(backoff=-1)
+
+
+@pytest.mark.parametrize(
+    "default", [math.nan, {"approved": True, "score": math.inf}], ids=["nan", "inf-in-dict"]
+)
+def test_gate_default_answer_holding_nan_or_infinity_is_refused(default: Any) -> None:
+    """The default is committed, when the pause expires, as `resume` commits an answer; JSON
+    would store its NaN or infinity as null (and resume now refuses such an answer)."""
+    with pytest.raises(ws.PipelineDefinitionError, match="NaN or infinity"):
+        ws.gate("score", schema=Any, expires_after=60, on_expire=default)
 
 
 def test_var_args_are_refused() -> None:

@@ -983,6 +983,11 @@ class Engine:
             raise InvalidResumeInput(
                 f"resume value for run {run_id} cannot be serialized: {exc}"
             ) from exc
+        if b"null" in raw and codec.has_nonfinite(value):
+            raise InvalidResumeInput(
+                f"resume value for run {run_id} holds NaN or infinity, which JSON cannot "
+                "store (it would be stored as null); send None or a string instead"
+            )
         tp: Any = None
         if pause.gate and p is not None:
             tp = p.stage_at(pause.stage_index, pause.stage_path).schema

@@ -423,6 +423,11 @@ class Pipeline:
             raise InvalidInput(
                 f"pipeline {self.name!r}: input cannot be serialized: {exc}"
             ) from exc
+        if b"null" in raw and codec.has_nonfinite(value):
+            raise InvalidInput(
+                f"pipeline {self.name!r}: the input holds NaN or infinity, which JSON cannot "
+                "store (it would be stored as null); pass None or a string instead"
+            )
         return self.decode_input(raw)
 
     def decode_input(self, raw: bytes | str) -> tuple[str, Any]:

@@ -225,23 +225,6 @@ def _of_stage(pause_id: str, stage_name: str) -> bool:
     return path == stage_name or path.startswith(f"{stage_name}.")
 
 
-def _has_nonfinite(value: Any, depth: int) -> bool:
-    if depth > 200:
-        return False
-    if type(value) is float:
-        return not math.isfinite(value)
-    if isinstance(value, dict):
-        return any(_has_nonfinite(v, depth + 1) for v in value.values())
-    if isinstance(value, list | tuple | set | frozenset):
-        return any(_has_nonfinite(v, depth + 1) for v in value)
-    if isinstance(value, msgspec.Struct):
-        return any(_has_nonfinite(getattr(value, f), depth + 1) for f in value.__struct_fields__)
-    fields = getattr(value, "__dataclass_fields__", None)
-    if fields is not None:
-        return any(_has_nonfinite(getattr(value, f), depth + 1) for f in fields)
-    return False
-
-
 def expiry_of(pauses: list[Pause], run_id: str) -> float | None:
     """When the earliest of this run's own pauses expires (None: never). Pauses shown for
     children are the children's to expire."""
@@ -358,7 +341,7 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
         return out, raw.decode()
     # JSON has no NaN or infinity: msgspec writes them as null. Only look when a null is
     # there at all, so ordinary outputs pay nothing.
-    if b"null" in raw and _has_nonfinite(out, 0):
+    if b"null" in raw and codec.has_nonfinite(out, 0):
         raise StageOutputError(
             f"stage {stage.name!r} returned a {type(out).__qualname__} holding NaN or "
             "infinity, which JSON cannot store; use None or a string instead"

@@ -329,11 +329,17 @@ def gate(
             # Checked as `resume` would check it, now rather than when the pause expires
             # (then it could only be logged, again and again, with the run left paused).
             try:
-                codec.decode(codec.encode(on_expire), schema)
+                raw = codec.encode(on_expire)
+                codec.decode(raw, schema)
             except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
                 raise PipelineDefinitionError(
                     f"gate {name!r}: on_expire={on_expire!r} is not a valid answer: {exc}"
                 ) from None
+            if b"null" in raw and codec.has_nonfinite(on_expire):
+                raise PipelineDefinitionError(
+                    f"gate {name!r}: on_expire={on_expire!r} holds NaN or infinity, which "
+                    "JSON cannot store; use None or a string instead"
+                )
         expiry = (seconds, on_expire)
     return Stage(
         None, name=name, kind="gate", schema=schema, reason=reason, when=when, expiry=expiry

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import operator
 import re
 from typing import Any
@@ -44,6 +45,27 @@ def decoder_for(tp: Any) -> msgspec.json.Decoder[Any]:
 def decode(data: bytes | str, tp: Any) -> Any:
     """Decode JSON into `tp`, raising `msgspec.ValidationError` naming the bad field."""
     return decoder_for(tp).decode(data)
+
+
+def has_nonfinite(value: Any, depth: int = 0) -> bool:
+    """Whether `value` holds a NaN or an infinity, which JSON cannot store: msgspec writes
+    them as null, so such a value would be stored as something else than what was given.
+    Looks 200 levels deep at most: below that it stops rather than exhaust Python's stack.
+    Callers ask only when the encoded JSON holds a `null`, so most values cost nothing."""
+    if depth > 200:
+        return False
+    if type(value) is float:
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(has_nonfinite(v, depth + 1) for v in value.values())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(has_nonfinite(v, depth + 1) for v in value)
+    if isinstance(value, msgspec.Struct):
+        return any(has_nonfinite(getattr(value, f), depth + 1) for f in value.__struct_fields__)
+    fields = getattr(value, "__dataclass_fields__", None)
+    if fields is not None:
+        return any(has_nonfinite(getattr(value, f), depth + 1) for f in fields)
+    return False
 
 
 def json_schema(tp: Any) -> dict[str, Any]:
