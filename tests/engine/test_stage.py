@@ -77,7 +77,7 @@ def test_stage_name_must_be_an_identifier(name: str) -> None:
             return None
 
 
-@pytest.mark.parametrize("timeout", [0, -1])
+@pytest.mark.parametrize("timeout", [0, -1, math.nan, math.inf])
 def test_timeout_must_be_positive(timeout: float) -> None:
     with pytest.raises(ws.PipelineDefinitionError, match="timeout"):
 
@@ -101,6 +101,27 @@ def test_gate_default_answer_holding_nan_or_infinity_is_refused(default: Any) ->
     would store its NaN or infinity as null (and resume now refuses such an answer)."""
     with pytest.raises(ws.PipelineDefinitionError, match="NaN or infinity"):
         ws.gate("score", schema=Any, expires_after=60, on_expire=default)
+
+
+@pytest.mark.parametrize("field", ["attempts", "backoff", "multiplier", "max_backoff", "jitter"])
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+def test_retry_refuses_numbers_that_are_not_finite(field: str, value: float) -> None:
+    """NaN passed `attempts < 1` and `backoff < 0` (every comparison with NaN is false):
+    attempts=nan retried a failing stage for ever."""
+    with pytest.raises(ws.PipelineDefinitionError, match=f"{field}="):
+        ws.Retry(**{field: value})
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_gate_expiry_and_sleeps_must_be_finite(value: float) -> None:
+    """NaN passed `expires_after <= 0` and `seconds < 0`: a gate with expires_after=nan
+    never expired, a sleep stage of nan seconds did not sleep."""
+    with pytest.raises(ws.PipelineDefinitionError, match="expires_after"):
+        ws.gate("approval", schema=Decision, expires_after=value)
+    with pytest.raises(ws.PipelineDefinitionError, match="seconds"):
+        ws.sleep_stage("pause", value)
+    with pytest.raises(ws.PipelineDefinitionError, match="finite time"):
+        ws.wait_until("later", value)
 
 
 def test_var_args_are_refused() -> None:

@@ -8,6 +8,7 @@ then only looks things up.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,12 @@ class Retry:
     """Only these exceptions are retried; others fail the stage at once."""
 
     def __post_init__(self) -> None:
+        # NaN compares false with everything, so the range checks below would pass it
+        # (attempts=nan retried for ever); an infinite count or wait means no schedule.
+        for field in ("attempts", "backoff", "multiplier", "max_backoff", "jitter"):
+            value = getattr(self, field)
+            if not math.isfinite(value):
+                raise PipelineDefinitionError(f"Retry({field}={value!r}): must be finite")
         if self.attempts < 1:
             raise PipelineDefinitionError(f"Retry(attempts={self.attempts}): must be >= 1")
         if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
@@ -323,8 +330,11 @@ def gate(
             if isinstance(expires_after, timedelta)
             else float(expires_after)
         )
-        if seconds <= 0:
-            raise PipelineDefinitionError(f"gate {name!r}: expires_after must be positive")
+        if not (math.isfinite(seconds) and seconds > 0):  # NaN would never expire
+            raise PipelineDefinitionError(
+                f"gate {name!r}: expires_after must be a positive, finite number of seconds, "
+                f"not {expires_after!r}"
+            )
         if not (isinstance(on_expire, str) and on_expire == _FAIL):
             # Checked as `resume` would check it, now rather than when the pause expires
             # (then it could only be logged, again and again, with the run left paused).
@@ -350,8 +360,10 @@ def sleep_stage(name: str, seconds: timedelta | float) -> Stage:
     """A stage that waits `seconds`, durably: the wake-up time is committed first, the run
     is parked (no memory, no worker) and after a restart it sleeps only for the time left."""
     value = seconds.total_seconds() if isinstance(seconds, timedelta) else float(seconds)
-    if value < 0:
-        raise PipelineDefinitionError(f"sleep stage {name!r}: seconds must not be negative")
+    if not (math.isfinite(value) and value >= 0):  # NaN would not sleep, infinity for ever
+        raise PipelineDefinitionError(
+            f"sleep stage {name!r}: seconds must be a finite number, not negative, not {seconds!r}"
+        )
     return Stage(None, name=name, kind="sleep", expiry=(value, None))
 
 
@@ -367,4 +379,6 @@ def wait_until(name: str, at: datetime | float | Callable[..., Any]) -> Stage:
         )
         return stage
     fixed = at.timestamp() if isinstance(at, datetime) else float(at)
+    if not math.isfinite(fixed):  # NaN would not wait, infinity for ever
+        raise PipelineDefinitionError(f"wait_until {name!r}: at must be a finite time, not {at!r}")
     return Stage(None, name=name, kind="sleep", expiry=(None, lambda: fixed))
