@@ -50,6 +50,26 @@ class Totals(TypedDict):
     total: float
 
 
+def nested(depth: int) -> list[Any]:
+    """A list holding a list ... `depth` deep."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+class Node(msgspec.Struct):
+    kids: list[Node] = []
+
+
+def tree(depth: int) -> Node:
+    """A Node with one kid, `depth` deep."""
+    node = Node()
+    for _ in range(depth):
+        node = Node([node])
+    return node
+
+
 def succeeded_rows(db: Path, run_id: str, stage_index: int) -> list[tuple[Any, ...]]:
     return [r for r in journal(db, run_id) if r[2] == "succeeded" and r[1] == stage_index]
 
@@ -545,6 +565,32 @@ async def test_wrong_output_type_is_not_retried(db: Path) -> None:
     assert calls == 1
 
 
+@pytest.mark.parametrize("returns", [int, Any], ids=["int", "any"])
+async def test_an_output_nested_too_deeply_fails_the_stage_once(db: Path, returns: Any) -> None:
+    """Annotated `int`, the mismatch's message took the repr of the list, which raised a
+    bare RecursionError: it was retried as the stage's own failure, and recorded as such."""
+    calls = 0
+
+    async def deep() -> Any:
+        nonlocal calls
+        calls += 1
+        return nested(100_000)
+
+    deep.__annotations__["return"] = returns
+    p = ws.Pipeline("deep-output", [ws.stage(retry=ws.Retry(attempts=3))(deep)])
+    async with ws.Engine.open(db, pipelines=[p, quoting]) as engine:
+        run = await engine.start(p, timeout=SAFETY)
+        assert run.status == "failed"
+        assert run.error is not None
+        assert run.error.type.endswith("StageOutputError")
+        assert "'deep'" in run.error.message and "nested too deeply" in run.error.message
+        again = await engine.start(quoting, {"order": Order("pen", 2)}, timeout=SAFETY)
+    assert calls == 1
+    assert [row[2] for row in journal(db, run.run_id)] == ["created", "started", "failed"]
+    assert run_row(db, run.run_id)["status"] == "failed"
+    assert again.status == "succeeded"
+
+
 @pytest.mark.parametrize(
     ("make", "type_name"),
     [
@@ -639,6 +685,46 @@ async def test_a_resume_value_holding_nan_or_infinity_is_refused(
         assert (run_row(db, run.run_id), journal(db, run.run_id)) == before
         done = await engine.resume(run.run_id, good, timeout=SAFETY)
     assert done.status == "succeeded" and done.output == 1.5
+
+
+@pytest.mark.parametrize(
+    ("kind", "schema", "make", "good"),
+    [
+        ("gate", Any, lambda: nested(100_000), [1]),
+        ("pause", Any, lambda: nested(1000), [1]),
+        # encodes, but checking it against its JSON Schema (a generic type: no class to
+        # decode into) recursed too deep
+        ("pause", list[Node], lambda: [tree(400)], [Node()]),
+    ],
+    ids=["gate-100000", "pause-1000", "pause-schema-check"],
+)
+async def test_a_resume_value_nested_too_deeply_is_refused(
+    db: Path, kind: str, schema: Any, make: Any, good: Any
+) -> None:
+    """Such an answer used to raise a bare RecursionError, not a WaystationError."""
+
+    @ws.stage
+    async def size(deep: list[Any]) -> int:
+        return len(deep)
+
+    @ws.stage
+    async def ask(ctx: ws.StageContext) -> int:
+        return len(await ctx.pause("deep", schema=schema))
+
+    if kind == "gate":
+        p = ws.Pipeline("deep-gate", [ws.gate("deep", schema=schema), size])
+    else:
+        p = ws.Pipeline("deep-pause", [ask])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        run = await engine.start(p)
+        assert run.status == "paused"
+        before = (run_row(db, run.run_id), journal(db, run.run_id))
+        with pytest.raises(ws.InvalidResumeInput, match="nested too deeply"):
+            await engine.resume(run.run_id, make())
+        assert (await engine.get(run.run_id)).status == "paused"
+        assert (run_row(db, run.run_id), journal(db, run.run_id)) == before
+        done = await engine.resume(run.run_id, good, timeout=SAFETY)
+    assert done.status == "succeeded" and done.output == 1
 
 
 # -- identity: idempotency keys and run ids ---------------------------------------------------

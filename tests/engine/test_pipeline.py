@@ -121,6 +121,27 @@ async def test_an_input_holding_nan_or_infinity_is_refused(db: Path, value: Any)
     assert run_rows(db) == 1
 
 
+@pytest.mark.parametrize("depth", [1000, 100_000])
+async def test_an_input_nested_too_deeply_is_refused(db: Path, depth: int) -> None:
+    """Such an input used to raise a bare RecursionError, not a WaystationError."""
+    value: list[Any] = []
+    for _ in range(depth):
+        value = [value]
+
+    @ws.stage
+    async def echo(x: Any) -> int:
+        return 1
+
+    p = ws.Pipeline("deep-input", [echo])
+    async with ws.Engine.open(db, pipelines=[p]) as engine:
+        with pytest.raises(ws.InvalidInput, match="nested too deeply"):
+            await engine.start(p, {"x": value})
+        with pytest.raises(ws.InvalidInput, match="nested too deeply"):
+            await engine.submit(p, {"x": value})
+        assert await engine.list() == []
+    assert run_rows(db) == 0
+
+
 def test_pinned_struct_input() -> None:
     p = ws.Pipeline("pinned", [price, charge], input=CheckoutInput)
     assert list(p.inputs) == ["order", "coupon"]

@@ -124,6 +124,15 @@ def test_gate_expiry_and_sleeps_must_be_finite(value: float) -> None:
         ws.wait_until("later", value)
 
 
+def test_gate_default_answer_nested_too_deeply_is_refused() -> None:
+    """It raised a bare RecursionError when the gate was defined."""
+    default: list[Any] = []
+    for _ in range(100_000):
+        default = [default]
+    with pytest.raises(ws.PipelineDefinitionError, match="nested too deeply"):
+        ws.gate("deep", schema=Any, expires_after=60, on_expire=default)
+
+
 def test_var_args_are_refused() -> None:
     with pytest.raises(ws.PipelineDefinitionError, match="args"):
 

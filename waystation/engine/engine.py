@@ -979,6 +979,10 @@ class Engine:
         """Validate a resume value against the pause's schema; the JSON to commit."""
         try:
             raw = codec.encode(value)
+        except RecursionError as exc:
+            raise InvalidResumeInput(
+                f"resume value for run {run_id} is nested too deeply to store: {exc}"
+            ) from exc
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
             raise InvalidResumeInput(
                 f"resume value for run {run_id} cannot be serialized: {exc}"
@@ -1002,6 +1006,10 @@ class Engine:
             raise InvalidResumeInput(
                 f"resume value for run {run_id} ({pause.kind} at stage {pause.stage_name!r}) "
                 f"does not match its schema: {exc}"
+            ) from exc
+        except RecursionError as exc:  # decoding, or checking it against the schema
+            raise InvalidResumeInput(
+                f"resume value for run {run_id} is nested too deeply to check: {exc}"
             ) from exc
 
     # -- retry and replay --------------------------------------------------------------------

@@ -419,6 +419,10 @@ class Pipeline:
             )
         try:
             raw = codec.encode(value)
+        except RecursionError as exc:
+            raise InvalidInput(
+                f"pipeline {self.name!r}: input is nested too deeply to store: {exc}"
+            ) from exc
         except (TypeError, ValueError, msgspec.EncodeError) as exc:
             raise InvalidInput(
                 f"pipeline {self.name!r}: input cannot be serialized: {exc}"
@@ -438,6 +442,10 @@ class Pipeline:
             raise InvalidInput(f"pipeline {self.name!r}: invalid input: {exc}") from exc
         except msgspec.DecodeError as exc:
             raise InvalidInput(f"pipeline {self.name!r}: input is not valid JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidInput(
+                f"pipeline {self.name!r}: input is nested too deeply to read back: {exc}"
+            ) from exc
         text = raw.decode() if isinstance(raw, bytes) else raw
         if self.input_type is not None:
             return text, typed

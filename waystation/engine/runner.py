@@ -299,6 +299,17 @@ _is_class = functools.lru_cache(maxsize=1024)(_class_check)
 """`_class_check`, remembered per annotation: it is asked at every stage's end."""
 
 
+def _shown(value: Any) -> str:
+    """At most 200 characters of `value`'s repr, for an error message. A value nested too
+    deeply to repr (or whose repr fails) must not replace the error being reported."""
+    try:
+        return f"{value!r:.200}"
+    except RecursionError:
+        return f"<{type(value).__qualname__} nested too deeply to show>"
+    except Exception as exc:
+        return f"<{type(value).__qualname__} whose repr raised {type(exc).__name__}>"
+
+
 def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     """Encode a stage's output and check it against the return annotation.
 
@@ -323,7 +334,7 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
         if not ok:
             raise StageOutputError(
                 f"stage {stage.name!r} must return {describe_type(expected)} "
-                f"but returned {type(out).__qualname__}: {out!r:.200}"
+                f"but returned {type(out).__qualname__}: {_shown(out)}"
             )
     if type(out) is float and not math.isfinite(out):
         raise StageOutputError(
@@ -332,7 +343,12 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
         )
     try:
         raw = codec.encode(out)
-    except (TypeError, ValueError, OverflowError, msgspec.EncodeError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise StageOutputError(
+            f"stage {stage.name!r} returned a {type(out).__qualname__} nested too deeply "
+            f"to store: {exc}"
+        ) from exc
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:
         raise StageOutputError(
             f"stage {stage.name!r} returned a {type(out).__qualname__} that cannot be "
             f"serialized: {type(exc).__name__}: {exc}"

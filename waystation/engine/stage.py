@@ -341,6 +341,10 @@ def gate(
             try:
                 raw = codec.encode(on_expire)
                 codec.decode(raw, schema)
+            except RecursionError:
+                raise PipelineDefinitionError(
+                    f"gate {name!r}: on_expire is nested too deeply to store"
+                ) from None
             except (TypeError, ValueError, msgspec.EncodeError, msgspec.ValidationError) as exc:
                 raise PipelineDefinitionError(
                     f"gate {name!r}: on_expire={on_expire!r} is not a valid answer: {exc}"
