@@ -591,6 +591,54 @@ async def test_an_output_nested_too_deeply_fails_the_stage_once(db: Path, return
     assert again.status == "succeeded"
 
 
+async def test_an_output_too_large_for_a_row_fails_the_stage_once(
+    db: Path, short_rows: int
+) -> None:
+    """SQLite refused the commit of an output past its maximum length (1e9 bytes by default,
+    lowered here): the run was stranded and recovery ran the stage again, for ever. Now the
+    stage fails with StageOutputError, and what was committed before it stays."""
+    calls: list[str] = []
+
+    @ws.stage
+    async def small() -> str:
+        calls.append("small")
+        return "s" * 1000
+
+    @ws.stage
+    async def big(small: str) -> str:
+        calls.append("big")
+        return "x" * short_rows  # with its quotes, past the limit SQLite itself enforces
+
+    @ws.stage
+    async def after(big: str) -> int:
+        calls.append("after")
+        return len(big)
+
+    p = ws.Pipeline("too-large", [small, big, after])
+    async with ws.Engine.open(db, pipelines=[p, quoting], poll_interval=0.05) as engine:
+        run = await engine.start(p, timeout=SAFETY)
+        assert run.status == "failed"
+        assert run.error is not None
+        assert run.error.type.endswith("StageOutputError")
+        assert run.error.stage_name == "big"
+        assert f"{short_rows + 2:,} bytes" in run.error.message
+        assert f"more than the {engine.store.max_payload:,}" in run.error.message
+        assert engine.store.max_payload < short_rows
+        again = await engine.start(quoting, {"order": Order("pen", 2)}, timeout=SAFETY)
+    assert calls == ["small", "big"]
+    assert again.status == "succeeded"
+    rows = journal(db, run.run_id)
+    assert [(row[1], row[2]) for row in rows] == [
+        (None, "created"),
+        (0, "started"),
+        (0, "succeeded"),
+        (1, "started"),
+        (1, "failed"),
+    ]
+    assert json.loads(rows[2][4]) == "s" * 1000
+    assert run_row(db, run.run_id)["status"] == "failed"
+
+
 @pytest.mark.parametrize(
     ("make", "type_name"),
     [

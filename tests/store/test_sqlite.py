@@ -11,8 +11,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from waystation.errors import StoreError
 from waystation.store.base import Guard, NewTransition
-from waystation.store.sqlite import _MARK_CASCADE, SQLiteStore
+from waystation.store.sqlite import _MARK_CASCADE, _ROW_ROOM, SQLiteStore
 
 from .runs import new_run
 
@@ -82,6 +83,49 @@ async def test_empty_strings_and_any_number_are_stored_as_given(db: Path) -> Non
         )
         stored3 = await store.get_run("r3")
         assert stored3 == plain
+    finally:
+        await store.close()
+
+
+async def test_max_payload_is_the_connections_length_limit_less_room_for_the_row(
+    db: Path, short_rows: int
+) -> None:
+    """An output of `max_payload` bytes fits in its journal row and in the run's row, with
+    every id as long as the engine allows (512 characters of 4 bytes each)."""
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        assert store.max_payload == short_rows - _ROW_ROOM
+        long = "\U0001d11e" * 512
+        run = new_run(long, idempotency_key=long, parent_run_id=long, replay_of=long)
+        await store.create_run(run)
+        output = '"' + "x" * (store.max_payload - 2) + '"'
+        seq = await store.update_run(
+            long,
+            Guard(("running",)),
+            [NewTransition("succeeded", 0, long, 1, output), NewTransition("completed", 1)],
+            {"status": "succeeded", "output": output, "lease_owner": long},
+        )
+        assert seq is not None
+        stored = await store.get_run(long)
+        assert stored is not None and stored.output == output
+        assert [t.payload for t in await store.history(long)][-2] == output
+        # the lowered limit is SQLite's own: past it, the write is refused
+        await store.create_run(new_run("r2"))
+        with pytest.raises(StoreError, match="too big"):
+            await store.update_run(
+                "r2", Guard(("running",)), [NewTransition("succeeded", 0, "a", 1, "x" * short_rows)]
+            )
+    finally:
+        await store.close()
+
+
+async def test_max_payload_follows_sqlites_own_limit(db: Path) -> None:
+    store = SQLiteStore(db)
+    await store.open()
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            assert store.max_payload == conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_ROOM
     finally:
         await store.close()
 

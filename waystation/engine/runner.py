@@ -310,8 +310,18 @@ def _shown(value: Any) -> str:
         return f"<{type(value).__qualname__} whose repr raised {type(exc).__name__}>"
 
 
-def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
-    """Encode a stage's output and check it against the return annotation.
+def _too_large(stage: Stage, size: int, max_payload: int) -> StageOutputError:
+    return StageOutputError(
+        f"stage {stage.name!r} returned {size:,} bytes of JSON, more than the {max_payload:,} "
+        "a row of the database can hold (SQLite's maximum string length, less room for the "
+        "rest of the row); store large data elsewhere (a file, an object store) and return "
+        "a reference to it"
+    )
+
+
+def check_output(stage: Stage, out: Any, max_payload: int) -> tuple[Any, str]:
+    """Encode a stage's output and check it against the return annotation, and that it fits
+    in a row (`max_payload` bytes of JSON: the store's `max_payload`).
 
     Returns (the value later stages see, the JSON stored). The value is what decoding the
     JSON gives, so a stage sees the same thing whether or not the process restarted since.
@@ -320,11 +330,15 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
     if type(out) is expected and expected in _PLAIN:
         # An int, str or bool annotated as exactly that (the common case, asked at every
         # stage's end): it is what it says and it decodes to itself. Only its encoding can
-        # fail (an int past 64 bits), and then the checks below say how.
+        # fail (an int past 64 bits), and then the checks below say how; or its size.
         try:
-            return out, codec.encode(out).decode()
+            raw = codec.encode(out)
         except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
             pass
+        else:
+            if len(raw) > max_payload:
+                raise _too_large(stage, len(raw), max_payload)
+            return out, raw.decode()
     try:
         is_class = _is_class(expected)
     except TypeError:  # an unhashable annotation
@@ -353,6 +367,10 @@ def check_output(stage: Stage, out: Any) -> tuple[Any, str]:
             f"stage {stage.name!r} returned a {type(out).__qualname__} that cannot be "
             f"serialized: {type(exc).__name__}: {exc}"
         ) from exc
+    # Too large, its commit would fail, and the run, stranded, would run the stage again
+    # at every recovery, for ever: fail it here, as for any output that cannot be stored.
+    if len(raw) > max_payload:
+        raise _too_large(stage, len(raw), max_payload)
     if type(out) in _SCALARS and (expected is Any or expected is type(out)):
         return out, raw.decode()
     # JSON has no NaN or infinity: msgspec writes them as null. Only look when a null is
@@ -394,6 +412,7 @@ class Driver:
         claim: RunRecord | None = None,
     ) -> None:
         self.store = store
+        self.max_payload = store.max_payload
         self.owner = owner
         self.lease_ttl = lease_ttl
         self.limiter = limiter
@@ -536,7 +555,7 @@ class Driver:
                         began = time.perf_counter()
                     fn: Callable[..., Awaitable[Any]] = stage.fn  # type: ignore[assignment]
                     value, payload = check_output(
-                        stage, await fn(**self._kwargs(slots[i].bindings))
+                        stage, await fn(**self._kwargs(slots[i].bindings)), self.max_payload
                     )
                 elif stage.when is not None and not await self._condition(
                     stage, self.pipeline.when_bindings[i]
@@ -816,7 +835,7 @@ class Driver:
                 out = await self._timed(stage, call, attempt)
         else:
             out = await self._timed(stage, call, attempt)
-        return check_output(stage, out)
+        return check_output(stage, out, self.max_payload)
 
     @staticmethod
     async def _timed(stage: Stage, call: Any, attempt: int) -> Any:

@@ -169,6 +169,10 @@ class RunJournal(NamedTuple):
 class Store(Protocol):
     """Durable storage of runs and their journals."""
 
+    max_payload: int
+    """The largest stage output, in bytes of JSON, that a row can hold (known once open).
+    A larger output fails its stage: its commit would fail at every attempt."""
+
     async def open(self) -> None:
         """Open connections and apply (or, read-only, verify) migrations."""
 

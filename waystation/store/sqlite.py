@@ -43,6 +43,13 @@ Durability = Literal["full", "normal"]
 
 _MAX_BATCH = 2000
 
+_SQLITE_MAX_LENGTH = 1_000_000_000
+"""SQLite's default limit on a string and on a whole row (SQLITE_MAX_LENGTH), assumed until
+the store is open and the connection tells its own."""
+_ROW_ROOM = 65_536
+"""Bytes of a row kept for its columns other than a stage output: the limit applies to the
+whole row, whose ids (up to 512 characters each) and names go with the output."""
+
 log = logging.getLogger("waystation")
 
 WriteOp = Callable[[sqlite3.Connection, list[tuple[Any, ...]]], Any]
@@ -338,6 +345,9 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._update_sql: dict[tuple[Any, ...], str] = {}
         self._read_lock = asyncio.Lock()
+        self.max_payload = _SQLITE_MAX_LENGTH - _ROW_ROOM
+        """The largest stage output a row can hold: the connection's SQLITE_LIMIT_LENGTH
+        (read at `open`), less room for the rest of the row."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -361,6 +371,7 @@ class SQLiteStore:
             if migrations._is_foreign(exc):
                 raise NotAWaystationDatabase(f"{self.path}: {exc}") from exc
             raise StoreError(f"{self.path}: cannot use the database: {exc}") from exc
+        self.max_payload = conn.getlimit(sqlite3.SQLITE_LIMIT_LENGTH) - _ROW_ROOM
         self._writer = _Writer(conn, self.path)
         self._reader = await aiosqlite.connect(self.path, isolation_level=None)
         await self._reader.execute("PRAGMA query_only=ON")
