@@ -251,9 +251,7 @@ class ChildRunner:
                 found = ctx._earlier
                 if found is None:
                     prefix = _child_prefix(parent.run_id, ctx.stage_index)
-                    children = await self.engine.store.list_runs(
-                        parent_run_id=parent.run_id, limit=100_000
-                    )
+                    children = await self._stage_children(parent.run_id, ctx.stage_index)
                     found = ctx._earlier = _by_call(prefix, children)
         return found
 
@@ -456,6 +454,16 @@ class ChildRunner:
 
     # -- compensation ------------------------------------------------------------------------
 
+    async def _stage_children(self, parent_run_id: str, stage_index: int) -> list[RunRecord]:
+        """The children a stage of a run launched, in all its attempts (by key), in the
+        order the store lists a run's children."""
+        prefix = _child_prefix(parent_run_id, stage_index)
+        return [
+            r
+            for r in await self.engine.store.list_runs(parent_run_id=parent_run_id, limit=100_000)
+            if (r.idempotency_key or "").startswith(prefix)
+        ]
+
     async def compensate_children(
         self, parent: Driver, stage_index: int, branches: tuple[str, ...] | None = None
     ) -> None:
@@ -466,11 +474,10 @@ class ChildRunner:
         from .runner import Driver, RunState
 
         engine = self.engine
-        prefix = _child_prefix(parent.run_id, stage_index)
         kids = [
             r
-            for r in await engine.store.list_runs(parent_run_id=parent.run_id, limit=100_000)
-            if r.status == "succeeded" and (r.idempotency_key or "").startswith(prefix)
+            for r in await self._stage_children(parent.run_id, stage_index)
+            if r.status == "succeeded"
         ]
         if branches is not None:
             kids = [r for r in kids if await self._of_branches(parent, r, branches)]
@@ -626,10 +633,7 @@ def _by_call(
     `@<branch path>` in a parallel group), by (call, path), newest attempt first."""
     out: dict[tuple[int, str | None], list[tuple[tuple[int, int], RunRecord]]] = {}
     for record in children:
-        key = record.idempotency_key
-        if key is None or not key.startswith(prefix):
-            continue
-        head, at, path = key[len(prefix) :].partition("@")
+        head, at, path = (record.idempotency_key or "")[len(prefix) :].partition("@")
         attempt, _, call = head.partition("/")
         generation, _, number = attempt.partition(".")
         try:

@@ -13,11 +13,19 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -67,6 +75,8 @@ from .tracing import Tracing
 # 3/4 of a fresh process's open + resume. Loaded here, it is part of the import instead.
 with contextlib.suppress(ImportError):  # a later anyio may move it: then loaded as before
     import anyio._backends._asyncio
+
+T = TypeVar("T")
 
 log = logging.getLogger("waystation")
 
@@ -584,8 +594,9 @@ class Engine:
             if wake_at <= self.clock.time():
                 wake_at = None
         here = wake_at is None and drive
-        try:
-            created, record = await self.store.create_run(
+        created, record = await self._to_drive(
+            rid if here else None,
+            self.store.create_run(
                 NewRun(
                     run_id=rid,
                     pipeline=p.name,
@@ -607,11 +618,8 @@ class Engine:
                         ),
                     ],
                 )
-            )
-        except asyncio.CancelledError:
-            if here:
-                self._left_undriven(rid)
-            raise
+            ),
+        )
         if not created:
             if record.pipeline != p.name:
                 raise RunAlreadyExists(
@@ -800,14 +808,12 @@ class Engine:
             await self._check_loadable(p, record)
         while True:
             transitions, values = self._answer(record, p, pauses, chosen, answer)
-            try:
-                seq = await self.store.update_run(
+            seq = await self._to_drive(
+                record.run_id if p is not None and values.get("status") == "running" else None,
+                self.store.update_run(
                     record.run_id, Guard(("paused",), seq=record.seq), transitions, values
-                )
-            except asyncio.CancelledError:
-                if p is not None and values.get("status") == "running":
-                    self._left_undriven(record.run_id)
-                raise
+                ),
+            )
             if seq is not None:
                 break
             # The run moved meanwhile: another of its pauses answered (or expired), or this
@@ -958,17 +964,15 @@ class Engine:
         if p is not None:
             values.update(lease_owner=self.owner, lease_expires=time.time() + self.lease_ttl)
             values["status"] = "running"
-        try:
-            seq = await self.store.update_run(
+        seq = await self._to_drive(
+            parent.run_id if p is not None else None,
+            self.store.update_run(
                 parent.run_id,
                 Guard(("paused",), seq=parent.seq),
                 [NewTransition("resumed", parent.stage_index, pauses[0].stage_name)],
                 values,
-            )
-        except asyncio.CancelledError:
-            if p is not None:
-                self._left_undriven(parent.run_id)
-            raise
+            ),
+        )
         if seq is None:
             return False
         if p is not None:
@@ -1039,8 +1043,9 @@ class Engine:
         await self._check_loadable(p, record)
         i = record.stage_index
         name = p.stages[i].name if i < len(p.stages) else None
-        try:
-            seq = await self.store.update_run(
+        seq = await self._to_drive(
+            run_id,
+            self.store.update_run(
                 run_id,
                 Guard(("failed", "cancelled"), seq=record.seq),
                 [NewTransition("retried", i, name), NewTransition("started", i, name, 1)],
@@ -1051,10 +1056,8 @@ class Engine:
                     "lease_owner": self.owner,
                     "lease_expires": time.time() + self.lease_ttl,
                 },
-            )
-        except asyncio.CancelledError:
-            self._left_undriven(run_id)
-            raise
+            ),
+        )
         if seq is None:
             raise InvalidRunState(f"run {run_id} changed meanwhile; look at it again")
         self.children.counted(record.root_run_id, run_id, seq)
@@ -1151,8 +1154,9 @@ class Engine:
                 )
         new_id = new_run_id()
         origin = codec.encode({"replay_of": run_id, "from_stage": start, **CHILD_KEYS}).decode()
-        try:
-            created, _ = await self.store.create_run(
+        created, _ = await self._to_drive(
+            new_id,
+            self.store.create_run(
                 NewRun(
                     run_id=new_id,
                     pipeline=p.name,
@@ -1172,10 +1176,8 @@ class Engine:
                         NewTransition("started", start, p.stages[start].name, 1),
                     ],
                 )
-            )
-        except asyncio.CancelledError:
-            self._left_undriven(new_id)
-            raise
+            ),
+        )
         assert created
         log.info("run %s replays %s from %s", new_id, run_id, p.stages[start].name)
         await self._continue(p, new_id)
@@ -1278,26 +1280,27 @@ class Engine:
 
     async def _continue(self, p: Pipeline, run_id: str) -> None:
         """Start driving a run we hold the lease of, from its committed state."""
-        try:
-            rows = await self.store.stage_results(run_id)
-            record = await self._record(run_id)
-        except asyncio.CancelledError:
-            self._left_undriven(run_id)
-            raise
+        rows = await self._to_drive(run_id, self.store.stage_results(run_id))
+        record = await self._to_drive(run_id, self._record(run_id))
         driver = Driver(**self._driver_args(p), state=RunState.load(p, record, rows))
         # The position the run's next commit is guarded on (nobody else moves a run we
         # hold the lease of): its stages take the one-statement step from the first one.
         driver.seq = record.seq
         self._launch(driver)
 
-    def _left_undriven(self, run_id: str) -> None:
-        """The caller was cancelled (a dropped web request, `asyncio.wait_for`) while a
-        commit that leaves `run_id` running under this engine's lease was with the writer,
-        or before its driver was launched. The commit may still apply, and nothing here
-        would drive the run, while `_maintain` renewed its lease for ever: recovery takes
-        it instead, as a run whose driver stopped (if it is running under our lease)."""
-        if run_id not in self._active:
-            self._stranded[run_id] = time.monotonic()
+    async def _to_drive(self, run_id: str | None, step: Awaitable[T]) -> T:
+        """Await `step`, a commit that leaves `run_id` running under this engine's lease
+        (or a read on the way to launching its driver; None: one that does not). If the
+        caller is cancelled meanwhile (a dropped web request, `asyncio.wait_for`), the
+        commit may still apply, with the writer, and nothing here would drive the run while
+        `_maintain` renewed its lease for ever: recovery takes it instead, as a run whose
+        driver stopped (if it is running under our lease)."""
+        try:
+            return await step
+        except asyncio.CancelledError:
+            if run_id is not None and run_id not in self._active:
+                self._stranded[run_id] = time.monotonic()
+            raise
 
     # -- cancelling --------------------------------------------------------------------------
 
